@@ -1,0 +1,68 @@
+"""Terminal output for long-running commands: rich progress bars on stderr and closing summary tables."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+# Progress goes to stderr so stdout stays clean for tables and for piping; rich drops the live bar by itself
+# when stderr is not a terminal (CI logs, `ray job logs`).
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+class _Bar:
+    def __init__(self, progress: Progress, task: int) -> None:
+        self._progress, self._task = progress, task
+
+    def advance(self, n: float = 1) -> None:
+        self._progress.advance(self._task, n)
+
+    def update(self, **fields) -> None:
+        self._progress.update(self._task, **fields)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: float | None) -> Iterator[_Bar]:
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=err_console,
+        transient=False,
+    )
+    with progress:
+        yield _Bar(progress, progress.add_task(description, total=total, status=""))
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(_fmt(v) for v in row))
+    out_console.print(table)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:.3e}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def html_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain HTML table for `_repr_html_` of result objects in notebooks."""
+    from html import escape
+
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -1,0 +1,13 @@
+"""User-facing errors: one line naming the field and the fix; the CLI prints them without a traceback."""
+
+
+class UserError(ValueError):
+    """A mistake the user can fix (config, data, request, world size). Its message is a single line."""
+
+
+class ConfigError(UserError):
+    """Bad configuration: unknown key, bad value, impossible combination."""
+
+
+class DataError(UserError):
+    """Missing or unusable data: bad source path, empty corpus, unprepared folder, mismatched tokenizer."""

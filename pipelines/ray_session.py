@@ -1,0 +1,39 @@
+"""Connect to Ray: the cluster named by RAY_ADDRESS, or a fresh embedded local instance with explicit CPUs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+# Set before `import ray` anywhere in this process so no usage report is attempted (there is no network).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def default_num_cpus() -> int:
+    return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int | None = None, **init_kwargs) -> Iterator[bool]:
+    """Use Ray for the duration of the block; yields True when this block started (and will stop) Ray.
+
+    An already-initialised Ray (a notebook, a test fixture, a Ray job's driver) is reused as it is. With
+    RAY_ADDRESS set we join that cluster; otherwise `address="local"` starts a fresh instance, so a stale
+    /tmp/ray/ray_current_cluster can never point us at a dead cluster. Token authentication stays at Ray's
+    default (on).
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, **init_kwargs)
+    else:
+        init_kwargs.setdefault("include_dashboard", False)
+        ray.init(address="local", num_cpus=num_cpus or default_num_cpus(), **init_kwargs)
+    try:
+        yield True
+    finally:
+        ray.shutdown()

@@ -1,0 +1,43 @@
+"""Shared fixtures: one embedded Ray for the session, a tiny prepared data set, paths."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray instance for every test that needs it (2 CPUs, like the machine)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, ray_local) -> Path:
+    """The tiny preset's data set (200 stdlib files, vocab 512), prepared once through the real pipeline."""
+    from pipelines import prepare_data
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    prepare_data.run(["stdlib"], out, vocab_size=512, max_documents=200, shard_tokens=200_000)
+    return out
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
+    """Run `python -m app ARGS` in a subprocess; returns CompletedProcess with text output."""
+    import subprocess
+
+    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
