@@ -4,6 +4,6 @@ The SDK functions are re-exported here so a notebook can `import app; app.prepar
 no Ray and loads no torch.
 """
 
-from app.sdk import ModelInfo, info, load_config, prepare_data
+from app.sdk import ModelInfo, info, load_config, prepare_data, train
 
-__all__ = ["ModelInfo", "info", "load_config", "prepare_data"]
+__all__ = ["ModelInfo", "info", "load_config", "prepare_data", "train"]

@@ -78,12 +78,49 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- train ---------------------------------------------------------------------------------------------------
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _add_preset(p, "tiny")
+    p.add_argument("--workers", help="N, or MIN:MAX for an elastic group (parallel.workers)")
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (parallel.zero_stage)")
+    p.add_argument("--pipeline-stages", type=int, help="pipeline-parallel stages (parallel.pipeline_stages)")
+    p.add_argument("--offload", action="store_true", help="offload optimizer state to CPU (parallel.offload_optimizer)")
+    p.add_argument("--steps", type=int, help="optimizer steps (steps)")
+    p.add_argument("--run-name", help="run name; re-running a name resumes it (name)")
+    p.add_argument("--storage", help="folder or pyarrow URI for runs (storage)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for embedded Ray (default: what the workers need)")
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    flags = {"parallel.workers": args.workers, "parallel.zero_stage": args.zero,
+             "parallel.pipeline_stages": args.pipeline_stages, "steps": args.steps, "name": args.run_name,
+             "storage": args.storage, "parallel.offload_optimizer": True if args.offload else None}
+    return [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+
+
+def _train(args: argparse.Namespace) -> int:
+    from app import sdk
+    from app.console import print_table
+
+    result = sdk.train(args.preset, _train_overrides(args), num_cpus=args.num_cpus)
+    s = result.summary
+    rows = [(k, s[k]) for k in ("final_loss", "final_val_loss", "steps", "tokens", "tokens_per_s", "mfu",
+                                 "straggler_ratio_p50", "goodput", "wall_s", "world_sizes", "restarts")]
+    print_table(f"run {s['run']}", ["metric", "value"], rows)
+    print(f"run folder {result.run_dir} (summary.json, history.csv); artifact {result.artifact}")
+    return 0
+
+
 # ---- the table -----------------------------------------------------------------------------------------------
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
     "prepare-data": ("tokenise a corpus into Parquet token shards with a manifest", _prepare_data_args, _prepare_data),
     "info": ("parameters, FLOPs per token and memory per worker of a preset", _info_args, _info),
+    "train": ("train with Ray Train + DeepSpeed (ZeRO 0-3, offload, pipeline); resumes a run by name",
+              _train_args, _train),
 }
 
 

@@ -95,6 +95,12 @@ class ParallelConfig(_Section):
     )
     activation_checkpointing: bool = Field(description="Recompute block activations in backward to save memory.")
     cpus_per_worker: int = Field(ge=1, description="CPU cores reserved per worker (also its torch thread count).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        description="Where workers train: 'auto' uses GPUs when the Ray cluster has them (NCCL), else CPUs (gloo)."
+    )
+    peak_flops_per_worker: float | None = Field(
+        default=None, description="Peak FLOP/s of one worker for MFU; None = measure once with a matmul probe."
+    )
 
     @model_validator(mode="after")
     def _check_workers(self) -> "ParallelConfig":
@@ -116,10 +122,14 @@ class TrainConfig(_Section):
     name: str = Field(min_length=1, description="Run name; re-running with the same name resumes.")
     storage: str = Field(description="Folder or pyarrow filesystem URI under which runs are stored.")
     seed: int = Field(description="Seed for model initialisation and dropout.")
-    steps: int = Field(gt=0, description="Optimizer steps to train for.")
+    steps: int = Field(gt=0, description="Optimizer steps of the whole run (the LR schedule's length).")
+    stop_at: int | None = Field(
+        default=None, description="Stop after this step (checkpointing first), leaving the run resumable; None = run to the end."
+    )
     eval_every: int = Field(ge=0, description="Compute validation loss every N steps (0 = only at the end).")
     eval_batches: int = Field(gt=0, description="Micro-batches averaged for one validation loss.")
     log_every: int = Field(gt=0, description="Report metrics every N steps.")
+    max_failures: int = Field(ge=-1, description="Worker-group failures to recover from (-1 = unlimited).")
     model: ModelConfig
     data: DataConfig
     optim: OptimConfig
@@ -137,7 +147,7 @@ class TrainConfig(_Section):
 
     def config_hash(self) -> str:
         """Hash of the settings that define the optimisation trajectory (not names, paths or schedule of saves)."""
-        fields = self.model_dump(include={"seed", "model", "optim", "data"})
+        fields = self.model_dump(include={"seed", "steps", "model", "optim", "data"})
         fields["data"] = {k: fields["data"][k] for k in ("seed",)}
         fields["global_batch"] = self.parallel.global_batch
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from app.config import ModelConfig
@@ -175,6 +176,8 @@ class GPT(nn.Module):
         # Weight tying (Press & Wolf, 2017): input and output embeddings share one matrix, which saves
         # vocab_size * d_model parameters and tends to help small models.
         self.head.lm_head.weight = self.embed.wte.weight
+        # Recompute each block's activations in backward instead of keeping them (set by the trainer).
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -212,7 +215,10 @@ class GPT(nn.Module):
             raise ValueError(f"start_pos={start_pos} needs a kv_cache holding the earlier positions")
         x = self.embed(idx, start_pos)  # [B, T, D]
         for i, block in enumerate(self.blocks):
-            x = block(x, None if kv_cache is None else kv_cache[i], start_pos)  # [B, T, D]
+            if self.activation_checkpointing and self.training and kv_cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)  # [B, T, D]
+            else:
+                x = block(x, None if kv_cache is None else kv_cache[i], start_pos)  # [B, T, D]
         logits = self.head(x)  # [B, T, V]
         loss = None if targets is None else pipeline_loss(logits, targets)
         return logits, loss

@@ -54,6 +54,11 @@ def accepted_world_sizes(global_batch: int, micro_batch: int, pipeline_stages: i
 
 def check_worker_range(global_batch: int, micro_batch: int, pipeline_stages: int, lo: int, hi: int) -> list[int]:
     """Accepted sizes within parallel.workers=lo:hi; a ConfigError before any worker starts if there are none."""
+    if global_batch % micro_batch:
+        raise ConfigError(
+            f"parallel.micro_batch={micro_batch} does not divide parallel.global_batch={global_batch}; "
+            "pick a micro-batch that divides the global batch"
+        )
     sizes = accepted_world_sizes(global_batch, micro_batch, pipeline_stages, lo, hi)
     if not sizes:
         wider = accepted_world_sizes(global_batch, micro_batch, pipeline_stages, 1, max(hi, 8) * 4)
@@ -112,3 +117,65 @@ def memory_estimate(
         per_layer = seq_len * micro_batch * d_model * param_bytes
     return MemoryEstimate(params, grads, optimizer - offloaded, int(per_layer * n_layer), offloaded)
 
+
+
+def resolve_precision(precision: str, device_type: str, bf16_supported: bool) -> str:
+    """'auto' → bf16 on GPUs that support it, fp32 otherwise; an explicit half precision on CPU is refused."""
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
+    if precision in ("bf16", "fp16") and device_type != "cuda":
+        raise ConfigError(f"parallel.precision={precision} needs a GPU; use parallel.precision=fp32 (or auto) on CPU")
+    if precision == "bf16" and not bf16_supported:
+        raise ConfigError("parallel.precision=bf16 is not supported by this GPU; use parallel.precision=fp16 or auto")
+    return precision
+
+
+def check_parallel_settings(zero_stage: int, pipeline_stages: int, n_layer: int, offload_optimizer: bool) -> None:
+    """Combinations DeepSpeed cannot run, refused before any worker starts."""
+    if pipeline_stages > 1 and zero_stage > 1:
+        raise ConfigError(
+            f"parallel.zero_stage={zero_stage} cannot be combined with parallel.pipeline_stages={pipeline_stages}: "
+            "DeepSpeed pipelines support ZeRO 0 or 1; set parallel.zero_stage=1"
+        )
+    if pipeline_stages > n_layer + 2:
+        raise ConfigError(
+            f"parallel.pipeline_stages={pipeline_stages} exceeds the model's {n_layer + 2} pipeline layers "
+            "(embedding, blocks, head); use fewer stages"
+        )
+    if offload_optimizer and zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer needs ZeRO; set parallel.zero_stage to 1, 2 or 3")
+
+
+def deepspeed_config(
+    plan: BatchPlan,
+    zero_stage: int,
+    offload_optimizer: bool,
+    precision: str,
+    grad_clip: float,
+    load_universal: bool = False,
+) -> dict:
+    """The DeepSpeed config dict for one world size. The optimizer and LR schedule are ours (passed to
+    `deepspeed.initialize` as objects), so DeepSpeed saves and restores their state but does not build them."""
+    zero: dict = {"stage": zero_stage}
+    if zero_stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7)
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    config = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        # Our AdamW is torch's; DeepSpeed would otherwise insist on its compiled CPU Adam when offloading.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # progress is reported by us
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return config

@@ -17,7 +17,7 @@ from app.config import TrainConfig, load_config, parse_workers
 from app.console import html_table
 from app.parallel import memory_estimate
 
-__all__ = ["load_config", "prepare_data", "info", "ModelInfo"]
+__all__ = ["load_config", "prepare_data", "info", "train", "ModelInfo"]
 
 
 def prepare_data(
@@ -115,3 +115,13 @@ def info(preset: str = "base", overrides: Sequence[str] = ()) -> ModelInfo:
         memory_per_worker_bytes=mem.total,
         optimizer_offloaded_bytes=mem.offloaded,
     )
+
+
+def train(preset: str | TrainConfig = "tiny", overrides: Sequence[str] = (), *, num_cpus: int | None = None):
+    """Train with Ray Train + DeepSpeed on embedded Ray (or the cluster at RAY_ADDRESS). Returns a `TrainResult`
+    (summary metrics, run folder, exported artifact, loss history as a DataFrame). A run name that already has
+    checkpoints resumes from the newest intact one."""
+    from pipelines import train as pipeline
+
+    cfg = preset if isinstance(preset, TrainConfig) else load_config(preset, list(overrides))
+    return pipeline.run(cfg, num_cpus=num_cpus)

@@ -32,6 +32,9 @@ def ray_session(num_cpus: int | None = None, **init_kwargs) -> Iterator[bool]:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, **init_kwargs)
     else:
         init_kwargs.setdefault("include_dashboard", False)
+        # Worker chatter (per-report INFO lines, DeepSpeed banners) stays in /tmp/ray/session_latest/logs; errors
+        # still reach the driver as exceptions. SCALESTACK_VERBOSE=1 streams it all.
+        init_kwargs.setdefault("log_to_driver", os.environ.get("SCALESTACK_VERBOSE") == "1")
         ray.init(address="local", num_cpus=num_cpus or default_num_cpus(), **init_kwargs)
     try:
         yield True

@@ -1,0 +1,563 @@
+"""Distributed training: a Ray Train TorchTrainer driver and the per-worker DeepSpeed loop.
+
+    python -m app train --preset tiny --workers 2 --zero 2
+    ray job submit --working-dir . -- python -m app train --preset tiny
+
+Each worker builds the GPT, asks app/parallel.py for the batch plan and DeepSpeed config, and trains on the
+samples GlobalOrder assigns to its rank at each optimizer step. Checkpoints are full state and sealed with a
+completion marker (app/checkpoint.py); a re-run with the same run name resumes from the newest intact one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.checkpoint import (
+    TAG,
+    checkpoint_name,
+    consolidated_state_dict,
+    latest_complete,
+    prune,
+    storage_fs,
+    write_marker,
+)
+from app.config import TrainConfig, parse_workers
+from app.data import read_manifest
+from app.errors import ConfigError, DataError
+from app.metrics import GoodputLedger
+from app.parallel import batch_plan, check_parallel_settings, check_worker_range
+
+# --------------------------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced: its folder, summary metrics, exported artifact and loss history."""
+
+    run_dir: str
+    summary: dict[str, Any]
+    artifact: str | None
+    history: Any  # pandas.DataFrame: step, loss, lr, step_time_s, tokens_per_s, val_loss
+
+    def _repr_html_(self) -> str:
+        from app.console import html_table
+
+        return html_table(["metric", "value"], list(self.summary.items()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Progress board: rank 0 posts every step here; the driver polls it for the progress bar and the history.
+
+
+def _progress_board_cls():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressBoard:
+        def __init__(self) -> None:
+            self.records: list[dict] = []
+            self.attempts: list[dict] = []
+            self.ledger: dict[str, float] = {}
+
+        def attempt(self, world_size: int, start_step: int) -> None:
+            self.attempts.append({"world_size": world_size, "start_step": start_step, "time": time.time()})
+
+        def log(self, record: dict, ledger: dict[str, float]) -> None:
+            self.records.append(record)
+            for k, v in ledger.items():
+                self.ledger[k] = self.ledger.get(k, 0.0) + v
+
+        def snapshot(self, since: int = 0) -> tuple[list[dict], list[dict], dict[str, float]]:
+            return self.records[since:], self.attempts, dict(self.ledger)
+
+    return ProgressBoard
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Worker side
+
+
+def _worker_device(cfg: TrainConfig):
+    import torch
+
+    if cfg.parallel.device != "cpu" and torch.cuda.is_available():
+        import ray.train
+
+        local_rank = ray.train.get_context().get_local_rank()
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _lr_lambda(cfg: TrainConfig):
+    """Linear warmup to lr, then cosine to min_lr_ratio × lr at the last step (the run's token budget)."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _optimizer(cfg: TrainConfig, model):
+    import torch
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # biases and norms
+    o = cfg.optim
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    )
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+
+
+def _build_engine(cfg: TrainConfig, plan, precision: str, load_universal: bool = False):
+    import deepspeed
+    import torch
+
+    from app.model import GPT
+    from app.parallel import deepspeed_config
+
+    p = cfg.parallel
+    # Ray already created the torch.distributed group (gloo/NCCL); this only points DeepSpeed's comm layer at it.
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and for every parallel layout
+    model = GPT(cfg.model)
+    if p.pipeline_stages > 1:
+        from app.pipeline import build_pipeline_module
+
+        model = build_pipeline_module(cfg.model, p.pipeline_stages, p.activation_checkpointing, init_from=model)
+    else:
+        model.activation_checkpointing = p.activation_checkpointing
+    optimizer, scheduler = _optimizer(cfg, model)
+    ds_config = deepspeed_config(plan, p.zero_stage, p.offload_optimizer, precision, cfg.optim.grad_clip,
+                                 load_universal)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+class _Batches:
+    """Micro-batches of one rank at one optimizer step, straight from GlobalOrder (no DataLoader, no state)."""
+
+    def __init__(self, stream, order, plan, seq_len: int, device) -> None:
+        self.stream, self.order, self.plan, self.seq_len, self.device = stream, order, plan, seq_len, device
+
+    def micro_batches(self, step: int, dp_rank: int):
+        import torch
+
+        from app.data import windows
+
+        ids = self.order.batch_ids(step, self.plan.global_batch, dp_rank, self.plan.dp)
+        for m in range(self.plan.grad_accum):
+            x, y = windows(self.stream, ids[m * self.plan.micro_batch:(m + 1) * self.plan.micro_batch], self.seq_len)
+            yield (torch.from_numpy(x).long().to(self.device), torch.from_numpy(y).long().to(self.device))
+
+
+def _val_batches(val_stream, cfg: TrainConfig, device):
+    """A fixed validation set: eval_batches micro-batches of windows evenly spread over the validation stream.
+    Every rank evaluates all of it, so the value does not depend on the world size."""
+    import numpy as np
+    import torch
+
+    from app.data import windows
+
+    n_windows = (len(val_stream) - 1) // cfg.model.seq_len
+    count = min(n_windows, cfg.eval_batches * cfg.parallel.micro_batch)
+    ids = np.linspace(0, n_windows - 1, count).astype(np.int64)
+    out = []
+    for start in range(0, count, cfg.parallel.micro_batch):
+        x, y = windows(val_stream, ids[start:start + cfg.parallel.micro_batch], cfg.model.seq_len)
+        out.append((torch.from_numpy(x).long().to(device), torch.from_numpy(y).long().to(device)))
+    return out
+
+
+def _evaluate(engine, batches, pipelined: bool) -> float:
+    import torch
+
+    engine.eval()
+    with torch.no_grad():
+        if pipelined:
+            loss = float(engine.eval_batch(iter(batches), num_micro_batches=len(batches)))
+        else:
+            loss = sum(float(engine(x, y)[1]) for x, y in batches) / len(batches)
+    engine.train()
+    return loss
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: restore if a checkpoint exists, train to cfg.steps, checkpoint and report."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from app.data import GlobalOrder, load_tokens
+    from app.metrics import matmul_peak_flops, mfu, straggler_ratio
+    from app.parallel import resolve_precision
+
+    t_begin = time.perf_counter()
+    cfg = TrainConfig.model_validate(config["cfg"])
+    board, data_dir = config["board"], config["data_dir"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.parallel.cpus_per_worker)
+    device = _worker_device(cfg)
+    precision = resolve_precision(cfg.parallel.precision, device.type,
+                                  device.type == "cuda" and torch.cuda.is_bf16_supported())
+    plan = batch_plan(cfg.parallel.global_batch, cfg.parallel.micro_batch, world, cfg.parallel.pipeline_stages)
+    pipelined = cfg.parallel.pipeline_stages > 1
+
+    stream = load_tokens(data_dir, "train")
+    order = GlobalOrder.for_stream(cfg.data.seed, len(stream), cfg.model.seq_len)
+    batches = _Batches(stream, order, plan, cfg.model.seq_len, device)
+    val = _val_batches(load_tokens(data_dir, "val"), cfg, device)
+    flops_per_token = config["flops_per_token"]
+    peak = cfg.parallel.peak_flops_per_worker or matmul_peak_flops(
+        "cuda" if device.type == "cuda" else "cpu",
+        "bfloat16" if precision == "bf16" else "float16" if precision == "fp16" else "float32",
+        threads=cfg.parallel.cpus_per_worker)
+
+    storage = ctx.get_storage()
+    fs, run_path = storage.storage_filesystem, storage.experiment_fs_path
+    found = latest_complete(fs, run_path)
+    engine = _build_engine(cfg, plan, precision)
+    dp_rank = engine.grid.get_data_parallel_rank() if pipelined else rank
+
+    start_step, restore_s = 0, 0.0
+    if found:
+        t0 = time.perf_counter()
+        assert found.state["config_hash"] == config["config_hash"], "the driver checks this before starting"
+        if found.state["dp"] != plan.dp and cfg.parallel.zero_stage > 0:
+            raise ConfigError(
+                f"checkpoint of run '{cfg.name}' has data-parallel size {found.state['dp']} but this group has "
+                f"{plan.dp}; resume with the same number of workers"
+            )
+        with ray.train.Checkpoint(found.path, fs).as_directory() as local:
+            engine.load_checkpoint(local, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        start_step = found.state["step"]
+        restore_s = time.perf_counter() - t0
+    if rank == 0:
+        board.attempt.remote(world, start_step)
+
+    ledger = {"startup": time.perf_counter() - t_begin - restore_s, "restore": restore_s}
+    last_save = time.monotonic()
+    end = min(cfg.steps, cfg.stop_at or cfg.steps)
+    for step in range(start_step, end):
+        # Dropout masks depend only on (seed, step, rank): a resumed step draws exactly what it drew before.
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 4099 + rank)
+        t0 = time.perf_counter()
+        if pipelined:
+            loss = float(engine.train_batch(iter(list(batches.micro_batches(step, dp_rank)))))
+        else:
+            losses = []
+            for x, y in batches.micro_batches(step, dp_rank):
+                _, micro_loss = engine(x, y)
+                engine.backward(micro_loss)
+                engine.step()
+                losses.append(micro_loss.detach())
+            loss = float(torch.stack(losses).mean())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_time = time.perf_counter() - t0
+
+        # One small all-gather per step: the global mean loss, per-rank step times (stragglers) and rank 0's
+        # wall-clock checkpoint decision, so every rank takes the same branch below.
+        every_min = cfg.checkpoint.every_minutes
+        time_says_save = float(bool(every_min) and time.monotonic() - last_save >= every_min * 60)
+        mine = torch.tensor([loss, step_time, time_says_save], dtype=torch.float64)
+        gathered = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        table = torch.stack(gathered)
+        global_loss = float(table[:, 0].mean())
+        times = table[:, 1].tolist()
+
+        done = step + 1
+        last = done == end
+        evaluated = last or bool(cfg.eval_every and done % cfg.eval_every == 0)
+        val_loss = _evaluate(engine, val, pipelined) if evaluated else None
+        save = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or bool(table[0, 2])
+        tokens_per_s = plan.global_batch * cfg.model.seq_len / step_time
+        record = {
+            "step": done, "loss": global_loss, "lr": engine.get_lr()[0], "step_time_s": step_time,
+            "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak * world),
+            "straggler_ratio": straggler_ratio(times), "val_loss": val_loss,
+            "world_size": world, "time": time.time(),
+        }
+        ledger["productive"] = ledger.get("productive", 0.0) + step_time
+        if save:
+            t0 = time.perf_counter()
+            _save_checkpoint(engine, cfg, plan, done, config, record, fs, run_path, rank)
+            last_save = time.monotonic()
+            ledger["checkpoint"] = ledger.get("checkpoint", 0.0) + time.perf_counter() - t0
+        elif done % cfg.log_every == 0:
+            ray.train.report(record)
+        if rank == 0:
+            board.log.remote(record, ledger)
+        ledger = {}
+
+
+def _save_checkpoint(engine, cfg: TrainConfig, plan, done: int, config: dict, metrics: dict, fs, run_path: str,
+                     rank: int) -> None:
+    """Every rank writes its shards, all report, then rank 0 seals the folder and prunes old ones."""
+    import pyarrow.fs as pafs
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import CheckpointUploadMode
+
+    name = checkpoint_name(done)
+    state = {"step": done, "samples_consumed": done * plan.global_batch, "world_size": plan.world_size,
+             "dp": plan.dp, "config_hash": config["config_hash"], "zero_stage": cfg.parallel.zero_stage,
+             "pipeline_stages": cfg.parallel.pipeline_stages}
+    path = f"{run_path}/{name}"
+    if isinstance(fs, pafs.LocalFileSystem):  # write in place: no second copy of every shard
+        engine.save_checkpoint(path, tag=TAG, client_state=state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint(path),
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag=TAG, client_state=state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+    dist.barrier()  # every rank's files are in storage before the marker says so
+    if rank == 0:
+        write_marker(fs, path, state)
+        prune(fs, run_path, cfg.checkpoint.keep)
+    dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def validate(cfg: TrainConfig) -> list[int]:
+    """Everything that can be refused before a worker starts; returns the accepted world sizes."""
+    p = cfg.parallel
+    check_parallel_settings(p.zero_stage, p.pipeline_stages, cfg.model.n_layer, p.offload_optimizer)
+    lo, hi = parse_workers(p.workers)
+    sizes = check_worker_range(p.global_batch, p.micro_batch, p.pipeline_stages, lo, hi)
+    batch_plan(p.global_batch, p.micro_batch, hi if hi in sizes else sizes[-1], p.pipeline_stages)
+    return sizes
+
+
+def _check_resume(fs, run_path: str, cfg: TrainConfig):
+    """A run name with checkpoints resumes; refuse one whose checkpoints come from different settings."""
+    found = latest_complete(fs, run_path)
+    if found and found.state["config_hash"] != cfg.config_hash():
+        raise ConfigError(
+            f"run '{cfg.name}' already has checkpoints made with different settings (model, optim, data, steps or "
+            "global batch); pass another --run-name to start a new run"
+        )
+    if found and found.state["step"] >= cfg.steps:
+        raise ConfigError(f"run '{cfg.name}' already finished all {cfg.steps} steps; pass another --run-name")
+    if found and cfg.stop_at and found.step >= cfg.stop_at:
+        raise ConfigError(f"run '{cfg.name}' is already at step {found.step}; raise stop_at above it or drop it")
+    return found
+
+
+def _ensure_data(cfg: TrainConfig, data_dir: Path, num_cpus: int | None) -> None:
+    try:
+        manifest = read_manifest(data_dir)
+    except DataError:
+        from pipelines import prepare_data
+
+        prepare_data.run(cfg.data.sources, data_dir, vocab_size=cfg.model.vocab_size,
+                         val_fraction=cfg.data.val_fraction, seed=cfg.data.seed, max_documents=cfg.data.max_documents,
+                         shard_tokens=cfg.data.shard_tokens, num_cpus=num_cpus)
+        manifest = read_manifest(data_dir)
+    if manifest.vocab_size > cfg.model.vocab_size:
+        raise DataError(
+            f"data in {data_dir} uses a {manifest.vocab_size}-token vocabulary but model.vocab_size="
+            f"{cfg.model.vocab_size}; set model.vocab_size >= {manifest.vocab_size} or prepare the data again"
+        )
+    need = cfg.model.seq_len * cfg.parallel.global_batch + 1
+    if manifest.tokens("train") < need:
+        raise DataError(f"{data_dir} has {manifest.tokens('train')} training tokens, fewer than one global batch "
+                        f"({need}); prepare more data or lower parallel.global_batch")
+
+
+def _use_gpu(cfg: TrainConfig) -> bool:
+    import ray
+
+    if cfg.parallel.device == "cpu":
+        return False
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    if cfg.parallel.device == "cuda" and not has_gpu:
+        raise ConfigError("parallel.device=cuda but the Ray cluster has no GPUs; use parallel.device=auto or cpu")
+    return has_gpu
+
+
+def _storage_root(storage: str) -> str:
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True) -> TrainResult:
+    """Train `cfg` on Ray (embedded, or the cluster at RAY_ADDRESS); resume if the run already has checkpoints."""
+    import pandas as pd
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from app.console import progress_bar
+    from app.model import GPT
+    from pipelines.ray_session import ray_session
+
+    validate(cfg)
+    data_dir = Path(cfg.data.dir).resolve()
+    storage = _storage_root(cfg.storage)
+    fs, storage_path = storage_fs(storage)
+    run_path = f"{storage_path}/{cfg.name}"
+    lo, hi = parse_workers(cfg.parallel.workers)
+    _check_resume(fs, run_path, cfg)
+
+    with ray_session(num_cpus or max(hi * cfg.parallel.cpus_per_worker, 1)):
+        _ensure_data(cfg, data_dir, num_cpus)
+        use_gpu = _use_gpu(cfg)
+        import torch
+
+        with torch.device("meta"):
+            flops_per_token = GPT(cfg.model).flops_per_token()
+        board = _progress_board_cls().remote()
+        resources = {"CPU": cfg.parallel.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg.model_dump(), "board": board, "data_dir": str(data_dir),
+                               "config_hash": cfg.config_hash(), "flops_per_token": flops_per_token},
+            scaling_config=ScalingConfig(num_workers=hi if lo == hi else (lo, hi), use_gpu=use_gpu,
+                                         resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(name=cfg.name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        )
+        outcome: dict[str, Any] = {}
+        t_start = time.perf_counter()
+
+        def fit() -> None:
+            try:
+                outcome["result"] = trainer.fit()
+            except BaseException as err:  # surfaced on the driver thread below
+                outcome["error"] = err
+
+        thread = threading.Thread(target=fit, daemon=True)
+        thread.start()
+        records: list[dict] = []
+        with progress_bar(f"training {cfg.name}", total=min(cfg.steps, cfg.stop_at or cfg.steps)) as bar:
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+                new, _, _ = ray.get(board.snapshot.remote(len(records)))
+                records.extend(new)
+                if new:
+                    r = new[-1]
+                    bar.update(completed=r["step"], status=f"loss {r['loss']:.3f} · {r['tokens_per_s']:,.0f} tok/s")
+        wall_s = time.perf_counter() - t_start
+        new, attempts, ledger_s = ray.get(board.snapshot.remote(len(records)))
+        records.extend(new)
+    if "error" in outcome:
+        raise outcome["error"]
+
+    history, lost_s = _history(records)
+    ledger = GoodputLedger({**GoodputLedger().seconds, **ledger_s})
+    ledger.seconds["productive"] -= lost_s  # steps computed twice count once
+    ledger.add("lost", lost_s)
+    artifact = _export(fs, run_path, cfg, data_dir, history)
+    summary = _summary(cfg, history, attempts, ledger, wall_s, flops_per_token)
+    _write_run_files(fs, run_path, summary, history)
+    return TrainResult(run_dir=f"{storage}/{cfg.name}" if "://" in storage else run_path, summary=summary,
+                       artifact=artifact, history=history)
+
+
+def _history(records: list[dict]):
+    """One row per optimizer step (the last time it was computed) and the seconds spent on recomputed steps."""
+    import pandas as pd
+
+    df = pd.DataFrame(records)
+    if df.empty:
+        return df, 0.0
+    lost_s = float(df[df.duplicated("step", keep="last")]["step_time_s"].sum())
+    return df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True), lost_s
+
+
+def _summary(cfg: TrainConfig, history, attempts: list[dict], ledger: GoodputLedger, wall_s: float,
+             flops_per_token: int) -> dict[str, Any]:
+    tokens = int(len(history) * cfg.parallel.global_batch * cfg.model.seq_len)
+    productive = ledger.seconds["productive"]
+    tokens_per_s = tokens / productive if productive > 0 else 0.0
+    val = history["val_loss"].dropna() if "val_loss" in history else []
+    world_sizes = [a["world_size"] for a in attempts]
+    return {
+        "run": cfg.name,
+        "final_loss": float(history["loss"].iloc[-1]),
+        "final_val_loss": float(val.iloc[-1]) if len(val) else None,
+        "first_loss": float(history["loss"].iloc[0]),
+        "steps": int(history["step"].iloc[-1]),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "mfu": round(float(history["mfu"].median()), 4),
+        "straggler_ratio_p50": round(float(history["straggler_ratio"].median()), 3),
+        "wall_s": round(wall_s, 2),
+        "world_sizes": world_sizes,
+        "restarts": max(0, len(attempts) - 1),
+        "resumed_from_step": attempts[0]["start_step"] if attempts else 0,
+        "goodput": round(ledger.goodput(wall_s), 4),
+        "ledger": ledger.summary(wall_s),
+        "flops_per_token": flops_per_token,
+        "zero_stage": cfg.parallel.zero_stage,
+        "pipeline_stages": cfg.parallel.pipeline_stages,
+    }
+
+
+def _export(fs, run_path: str, cfg: TrainConfig, data_dir: Path, history) -> str | None:
+    """Consolidate the final checkpoint into fp32 weights and write a registry artifact next to it."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from app.registry import save_artifact
+    from app.tokenizer import Tokenizer
+
+    found = latest_complete(fs, run_path)
+    if found is None:
+        return None
+    val = history["val_loss"].dropna() if "val_loss" in history else []
+    card = {"source_run": cfg.name, "config_hash": cfg.config_hash(), "step": found.step,
+            "val_loss": float(val.iloc[-1]) if len(val) else None, "data": str(data_dir),
+            "quantization": None, "lineage": {"teacher": None, "source_run": cfg.name}}
+    with ray.train.Checkpoint(found.path, fs).as_directory() as local:
+        state = consolidated_state_dict(local, found.state["zero_stage"], found.state["pipeline_stages"],
+                                        cfg.model.n_layer)
+    target = f"{run_path}/artifact"
+    if isinstance(fs, pafs.LocalFileSystem):
+        return str(save_artifact(target, state, cfg.model, Tokenizer.load(data_dir), card))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_artifact(tmp, state, cfg.model, Tokenizer.load(data_dir), card)
+        pafs.copy_files(tmp, target, destination_filesystem=fs)
+    return target
+
+
+def _write_run_files(fs, run_path: str, summary: dict, history) -> None:
+    import json
+
+    with fs.open_output_stream(f"{run_path}/summary.json") as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    with fs.open_output_stream(f"{run_path}/history.csv") as f:
+        f.write(history.to_csv(index=False).encode())
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from app.__main__ import main as app_main
+
+    return app_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
