@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.errors import ConfigError
 
@@ -101,6 +101,11 @@ class ParallelConfig(_Section):
     peak_flops_per_worker: float | None = Field(
         default=None, description="Peak FLOP/s of one worker for MFU; None = measure once with a matmul probe."
     )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _check_workers(self) -> "ParallelConfig":

@@ -82,3 +82,8 @@ def test_config_hash_ignores_name_but_not_lr():
     a = load_config("tiny")
     assert a.config_hash() == load_config("tiny", ["name=other", "storage=/elsewhere"]).config_hash()
     assert a.config_hash() != load_config("tiny", ["optim.lr=0.5"]).config_hash()
+
+
+def test_workers_accepts_int_from_yaml_or_cli():
+    assert load_config("tiny", ["parallel.workers=3"]).parallel.workers == "3"
+    assert load_config("tiny", ["parallel.workers=1:4"]).parallel.workers == "1:4"
