@@ -1,0 +1,77 @@
+"""`ray job submit` against a real head: the test starts `ray start --head --block` as its child and stops it by PID."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A one-node Ray cluster with the dashboard (job server) on loopback, token authentication on."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    gcs_port, dash_port = _free_port(), _free_port()
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
+         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
+         "--include-dashboard", "true", "--disable-usage-stats",
+         # fixed defaults (52365, …) would collide with the session's embedded Ray
+         "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+         "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash_port}"
+    client_env = {**env, "RAY_AUTH_MODE": "token"}  # the client sends the token `ray start` keeps in ~/.ray
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        # Ready means a job actually runs: the job server answers before the node's agent can take jobs.
+        probe = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", address, "--", "python", "-c",
+                                "pass"], env=client_env, capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+        assert head.poll() is None, "ray start exited early; see head.log"
+        time.sleep(2)
+    else:
+        pytest.fail("the Ray head could not run a job within 120 s")
+    yield address, client_env, bin_dir
+    head.send_signal(signal.SIGTERM)  # ray start drains, then stops its own processes
+    try:
+        head.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)  # the group we started, by its PID
+        head.wait()
+    log.close()
+
+
+@pytest.mark.slow
+def test_train_job_submitted_with_ray_job_submit(ray_head, tiny_data, tmp_path):
+    address, env, bin_dir = ray_head
+    storage = tmp_path / "runs"
+    cmd = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+           "--submission-id", f"scalestack-e2e-{os.getpid()}", "--",
+           "python", "-m", "app", "train", "--preset", "tiny", "--steps", "8", "--storage", str(storage),
+           "--run-name", "job", "--set", f"data.dir={tiny_data}"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout + result.stderr
+    summary = json.loads((storage / "job" / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["world_sizes"] == [2]
+    assert summary["final_loss"] < summary["first_loss"]
+    assert (storage / "job" / "artifact" / "model.safetensors").is_file()
