@@ -122,3 +122,36 @@ def consolidated_state_dict(local_dir: str | Path, zero_stage: int, pipeline_sta
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(local_dir), tag=TAG)
     return {k: v.float() for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resharding: a ZeRO checkpoint written at one data-parallel size → DeepSpeed's universal format, loadable at any.
+
+UNIVERSAL_TAG = "universal"
+
+
+def convert_to_universal(local_dir: str | Path) -> Path:
+    """Convert `local_dir/state` (a ZeRO 1/2/3 checkpoint) into `local_dir/universal` once; returns that folder.
+
+    Runs DeepSpeed's own converter (deepspeed/checkpoint/ds_to_universal.py) in-process. It builds into a
+    `.partial` sibling and renames at the end, so an interrupted conversion is redone, never half-used.
+    """
+    import argparse
+    import contextlib
+    import io
+    import shutil
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    local_dir = Path(local_dir)
+    out = local_dir / UNIVERSAL_TAG
+    if (out / "zero").is_dir():
+        return out
+    partial = local_dir / f"{UNIVERSAL_TAG}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(local_dir / TAG), output_folder=str(partial), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter narrates every parameter
+        ds_to_universal.main(args)
+    partial.rename(out)
+    return out

@@ -141,6 +141,21 @@ class CheckpointConfig(_Section):
     keep: int = Field(ge=1, description="Number of most recent complete checkpoints kept on storage.")
 
 
+class ElasticConfig(_Section):
+    """Preemption handling and how fast a worker group recovers (Ray's defaults wait about a minute)."""
+
+    preemption_check_every: int = Field(
+        ge=1, description="Poll ray.train.get_preemption_info() every N steps (a barrier across workers)."
+    )
+    max_preemption_failures: int = Field(ge=-1, description="Spot reclaims to recover from (-1 = unlimited).")
+    resize_monitor_interval_s: float = Field(
+        gt=0, description="Seconds between Ray's checks for room to grow an elastic group back."
+    )
+    worker_group_start_timeout_s: float = Field(gt=0, description="Give up starting a worker group after this long.")
+    health_check_interval_s: float = Field(gt=0, description="Seconds between Ray Train's worker health checks.")
+    preemption_poll_interval_s: float = Field(gt=0, description="Seconds between Ray's polls for drain notices.")
+
+
 class TrainConfig(_Section):
     """Everything one training run needs; handed to workers as a plain dict."""
 
@@ -160,6 +175,7 @@ class TrainConfig(_Section):
     optim: OptimConfig
     parallel: ParallelConfig
     checkpoint: CheckpointConfig
+    elastic: ElasticConfig
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "TrainConfig":

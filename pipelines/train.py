@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import tempfile
 import threading
 import time
@@ -21,8 +22,10 @@ from typing import Any
 
 from app.checkpoint import (
     TAG,
+    UNIVERSAL_TAG,
     checkpoint_name,
     consolidated_state_dict,
+    convert_to_universal,
     latest_complete,
     prune,
     storage_fs,
@@ -67,8 +70,9 @@ def _progress_board_cls():
             self.attempts: list[dict] = []
             self.ledger: dict[str, float] = {}
 
-        def attempt(self, world_size: int, start_step: int) -> None:
-            self.attempts.append({"world_size": world_size, "start_step": start_step, "time": time.time()})
+        def attempt(self, world_size: int, start_step: int, from_dp: int | None, conversion_s: float) -> None:
+            self.attempts.append({"world_size": world_size, "start_step": start_step, "from_dp": from_dp,
+                                  "universal_conversion_s": conversion_s, "time": time.time()})
 
         def log(self, record: dict, ledger: dict[str, float]) -> None:
             self.records.append(record)
@@ -231,28 +235,34 @@ def train_loop_per_worker(config: dict) -> None:
     storage = ctx.get_storage()
     fs, run_path = storage.storage_filesystem, storage.experiment_fs_path
     found = latest_complete(fs, run_path)
-    engine = _build_engine(cfg, plan, precision)
+    # A checkpoint written at another data-parallel size is resharded through DeepSpeed's universal format
+    # (ZeRO 1-3 partition optimizer state by dp rank); ZeRO 0 keeps whole state and loads at any size.
+    reshard = bool(found) and found.state["dp"] != plan.dp and cfg.parallel.zero_stage > 0
+    if reshard and pipelined:
+        raise ConfigError(f"run '{cfg.name}' was checkpointed at data-parallel size {found.state['dp']}; pipeline "
+                          f"runs resume at the same size (set parallel.workers={found.state['world_size']})")
+    engine = _build_engine(cfg, plan, precision, load_universal=reshard)
     dp_rank = engine.grid.get_data_parallel_rank() if pipelined else rank
 
-    start_step, restore_s = 0, 0.0
+    start_step, restore_s, conversion_s = 0, 0.0, 0.0
     if found:
         t0 = time.perf_counter()
         assert found.state["config_hash"] == config["config_hash"], "the driver checks this before starting"
-        if found.state["dp"] != plan.dp and cfg.parallel.zero_stage > 0:
-            raise ConfigError(
-                f"checkpoint of run '{cfg.name}' has data-parallel size {found.state['dp']} but this group has "
-                f"{plan.dp}; resume with the same number of workers"
-            )
         with ray.train.Checkpoint(found.path, fs).as_directory() as local:
-            engine.load_checkpoint(local, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+            tag = TAG
+            if reshard:
+                conversion_s = _reshard(local, found.path, fs, rank)
+                tag = UNIVERSAL_TAG
+            engine.load_checkpoint(local, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         start_step = found.state["step"]
         restore_s = time.perf_counter() - t0
     if rank == 0:
-        board.attempt.remote(world, start_step)
+        board.attempt.remote(world, start_step, found.state["dp"] if found else None, conversion_s)
 
     ledger = {"startup": time.perf_counter() - t_begin - restore_s, "restore": restore_s}
     last_save = time.monotonic()
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
+    jit_saved = False
     for step in range(start_step, end):
         # Dropout masks depend only on (seed, step, rank): a resumed step draws exactly what it drew before.
         torch.manual_seed(cfg.seed * 1_000_003 + step * 4099 + rank)
@@ -275,7 +285,8 @@ def train_loop_per_worker(config: dict) -> None:
         # wall-clock checkpoint decision, so every rank takes the same branch below.
         every_min = cfg.checkpoint.every_minutes
         time_says_save = float(bool(every_min) and time.monotonic() - last_save >= every_min * 60)
-        mine = torch.tensor([loss, step_time, time_says_save], dtype=torch.float64)
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        mine = torch.tensor([loss, step_time, time_says_save, rss_mb], dtype=torch.float64)
         gathered = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)
         table = torch.stack(gathered)
@@ -287,11 +298,17 @@ def train_loop_per_worker(config: dict) -> None:
         evaluated = last or bool(cfg.eval_every and done % cfg.eval_every == 0)
         val_loss = _evaluate(engine, val, pipelined) if evaluated else None
         save = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or bool(table[0, 2])
+        if done % cfg.elastic.preemption_check_every == 0 and ray.train.get_preemption_info() is not None:
+            # A node of ours is being drained (spot reclaim): checkpoint now, once per notice, and keep training
+            # until it goes; Ray then restarts the group on what is left from this checkpoint.
+            save = save or not jit_saved
+            jit_saved = True
         tokens_per_s = plan.global_batch * cfg.model.seq_len / step_time
         record = {
             "step": done, "loss": global_loss, "lr": engine.get_lr()[0], "step_time_s": step_time,
             "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak * world),
             "straggler_ratio": straggler_ratio(times), "val_loss": val_loss,
+            "max_rss_mb": float(table[:, 3].max()),
             "world_size": world, "time": time.time(),
         }
         ledger["productive"] = ledger.get("productive", 0.0) + step_time
@@ -305,6 +322,26 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             board.log.remote(record, ledger)
         ledger = {}
+
+
+def _reshard(local: str, remote_path: str, fs, rank: int) -> float:
+    """Rank 0 converts the checkpoint to universal format once (kept beside it for later resizes); the others
+    wait, then read it. Returns the conversion's seconds (0 on ranks that did not convert)."""
+    import pyarrow.fs as pafs
+    import ray.train
+    import torch.distributed as dist
+
+    seconds = 0.0
+    if rank == 0:
+        t0 = time.perf_counter()
+        universal = convert_to_universal(local)
+        if not isinstance(fs, pafs.LocalFileSystem):
+            pafs.copy_files(str(universal), f"{remote_path}/{UNIVERSAL_TAG}", destination_filesystem=fs)
+        seconds = time.perf_counter() - t0
+    dist.barrier()
+    if rank != 0 and not isinstance(fs, pafs.LocalFileSystem):
+        ray.train.Checkpoint(f"{remote_path}/{UNIVERSAL_TAG}", fs).to_directory(f"{local}/{UNIVERSAL_TAG}")
+    return seconds
 
 
 def _save_checkpoint(engine, cfg: TrainConfig, plan, done: int, config: dict, metrics: dict, fs, run_path: str,
@@ -359,6 +396,10 @@ def _check_resume(fs, run_path: str, cfg: TrainConfig):
         )
     if found and found.state["step"] >= cfg.steps:
         raise ConfigError(f"run '{cfg.name}' already finished all {cfg.steps} steps; pass another --run-name")
+    stages = cfg.parallel.pipeline_stages
+    if found and stages > 1 and found.state["dp"] != parse_workers(cfg.parallel.workers)[1] // stages:
+        raise ConfigError(f"run '{cfg.name}' was checkpointed with {found.state['world_size']} workers; pipeline runs "
+                          f"resume at the same size (set parallel.workers={found.state['world_size']})")
     if found and cfg.stop_at and found.step >= cfg.stop_at:
         raise ConfigError(f"run '{cfg.name}' is already at step {found.step}; raise stop_at above it or drop it")
     return found
@@ -405,13 +446,14 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True)
     import pandas as pd
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from app.console import progress_bar
     from app.model import GPT
+    from pipelines.elastic import ElasticTorchTrainer, apply_recovery_env
     from pipelines.ray_session import ray_session
 
-    validate(cfg)
+    accepted = validate(cfg)
     data_dir = Path(cfg.data.dir).resolve()
     storage = _storage_root(cfg.storage)
     fs, storage_path = storage_fs(storage)
@@ -428,15 +470,18 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True)
             flops_per_token = GPT(cfg.model).flops_per_token()
         board = _progress_board_cls().remote()
         resources = {"CPU": cfg.parallel.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-        trainer = TorchTrainer(
+        apply_recovery_env(cfg.elastic.model_dump())
+        trainer = ElasticTorchTrainer(
             train_loop_per_worker,
+            accepted_sizes=accepted,
             train_loop_config={"cfg": cfg.model_dump(), "board": board, "data_dir": str(data_dir),
                                "config_hash": cfg.config_hash(), "flops_per_token": flops_per_token},
             scaling_config=ScalingConfig(num_workers=hi if lo == hi else (lo, hi), use_gpu=use_gpu,
-                                         resources_per_worker=resources),
+                                         resources_per_worker=resources,
+                                         elastic_resize_monitor_interval_s=cfg.elastic.resize_monitor_interval_s),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(name=cfg.name, storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=cfg.max_failures)),
+            run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(
+                max_failures=cfg.max_failures, max_preemption_failures=cfg.elastic.max_preemption_failures)),
         )
         outcome: dict[str, Any] = {}
         t_start = time.perf_counter()
@@ -503,10 +548,12 @@ def _summary(cfg: TrainConfig, history, attempts: list[dict], ledger: GoodputLed
         "tokens_per_s": round(tokens_per_s, 1),
         "mfu": round(float(history["mfu"].median()), 4),
         "straggler_ratio_p50": round(float(history["straggler_ratio"].median()), 3),
+        "max_rss_mb_per_worker": round(float(history["max_rss_mb"].max()), 1),
         "wall_s": round(wall_s, 2),
         "world_sizes": world_sizes,
         "restarts": max(0, len(attempts) - 1),
         "resumed_from_step": attempts[0]["start_step"] if attempts else 0,
+        "universal_conversion_s": round(sum(a["universal_conversion_s"] for a in attempts), 3),
         "goodput": round(ledger.goodput(wall_s), 4),
         "ledger": ledger.summary(wall_s),
         "flops_per_token": flops_per_token,

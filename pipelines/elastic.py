@@ -1,0 +1,55 @@
+"""Elastic worker groups: a TorchTrainer whose elastic scaling only picks world sizes the batch plan accepts,
+and the recovery knobs that decide how fast a group comes back after a node is lost.
+
+Ray Train's elastic policy starts as many workers as resources allow within (min, max). A global batch of 32 with
+micro-batch 8 splits over 1, 2 or 4 workers but not 3, so we round its choice down to the nearest accepted size.
+Ray 2.60 has no public hook for that: we replace the scaling policy the trainer hands its controller. This leans
+on ray.train.v2 internals, which is why ray is pinned to 2.60.0 in constraints.txt.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+
+# Environment variables Ray Train reads in its controller; our config sets them before the controller starts.
+RECOVERY_ENV = {
+    "worker_group_start_timeout_s": "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
+    "health_check_interval_s": "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+    "preemption_poll_interval_s": "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S",
+}
+
+
+class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
+    """Ray's elastic policy, rounded down to the largest world size the run's batch plan accepts."""
+
+    def __init__(self, scaling_config, accepted_sizes: list[int]) -> None:
+        super().__init__(scaling_config)
+        self._accepted = sorted(accepted_sizes)
+
+    def _count_possible_workers(self, reserved_resources) -> int:
+        possible = super()._count_possible_workers(reserved_resources)
+        i = bisect.bisect_right(self._accepted, possible)
+        return self._accepted[i - 1] if i else 0
+
+
+class ElasticTorchTrainer(TorchTrainer):
+    """A TorchTrainer that starts and resizes only at accepted world sizes."""
+
+    def __init__(self, *args, accepted_sizes: list[int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._accepted_sizes = accepted_sizes
+
+    def _initialize_and_run_controller(self, **kwargs):
+        if self.scaling_config.elasticity_enabled:
+            kwargs["scaling_policy"] = AcceptedSizesScalingPolicy(self.scaling_config, self._accepted_sizes)
+        return super()._initialize_and_run_controller(**kwargs)
+
+
+def apply_recovery_env(knobs: dict[str, float]) -> None:
+    """Set Ray Train's recovery variables in the driver before the trainer starts: Ray propagates them from the
+    driver to its controller and workers (ray.train.v2 get_env_vars_to_propagate)."""
+    os.environ.update({RECOVERY_ENV[k]: str(v) for k, v in knobs.items() if k in RECOVERY_ENV})
