@@ -253,7 +253,10 @@ def train_loop_per_worker(config: dict) -> None:
             if reshard:
                 conversion_s = _reshard(local, found.path, fs, rank)
                 tag = UNIVERSAL_TAG
+            decay_by_group = [g["weight_decay"] for g in engine.optimizer.param_groups]
             engine.load_checkpoint(local, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+            if reshard:
+                _repair_universal_load(engine, decay_by_group)
         start_step = found.state["step"]
         restore_s = time.perf_counter() - t0
     if rank == 0:
@@ -292,6 +295,7 @@ def train_loop_per_worker(config: dict) -> None:
         table = torch.stack(gathered)
         global_loss = float(table[:, 0].mean())
         times = table[:, 1].tolist()
+        sample_ids = _gather_sample_ids(order, step, plan, dp_rank, world)
 
         done = step + 1
         last = done == end
@@ -309,6 +313,7 @@ def train_loop_per_worker(config: dict) -> None:
             "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak * world),
             "straggler_ratio": straggler_ratio(times), "val_loss": val_loss,
             "max_rss_mb": float(table[:, 3].max()),
+            "sample_ids": sample_ids,
             "world_size": world, "time": time.time(),
         }
         ledger["productive"] = ledger.get("productive", 0.0) + step_time
@@ -322,6 +327,34 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             board.log.remote(record, ledger)
         ledger = {}
+
+
+def _repair_universal_load(engine, decay_by_group: list[float]) -> None:
+    """Undo two side effects of DeepSpeed 0.19.8's ZeRO-3 universal load (found by the 2→1→2 resize test):
+    it copies param_groups[0]'s hyperparameters onto every group (weight decay on biases and norms), and it gives
+    every sub-group's Adam state the same `step` tensor, which torch's AdamW then increments in place once per
+    sub-group, skewing bias correction."""
+    import torch
+
+    for group, decay in zip(engine.optimizer.param_groups, decay_by_group):
+        group["weight_decay"] = decay
+    for state in engine.optimizer.optimizer.state.values():  # the torch AdamW inside the ZeRO optimizer
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def _gather_sample_ids(order, step: int, plan, dp_rank: int, world: int) -> list[int]:
+    """The window ids every data-parallel rank actually trained on at this step, in rank order: what makes
+    "no sample skipped or repeated across a resize" a measured fact rather than an assumption."""
+    import torch
+    import torch.distributed as dist
+
+    mine = torch.as_tensor(order.batch_ids(step, plan.global_batch, dp_rank, plan.dp), dtype=torch.int64)
+    tagged = torch.cat([torch.tensor([dp_rank]), mine])
+    gathered = [torch.zeros_like(tagged) for _ in range(world)]
+    dist.all_gather(gathered, tagged)
+    by_rank = {int(t[0]): t[1:].tolist() for t in gathered}  # pipeline stages of one dp rank agree
+    return [i for r in sorted(by_rank) for i in by_rank[r]]
 
 
 def _reshard(local: str, remote_path: str, fs, rank: int) -> float:
