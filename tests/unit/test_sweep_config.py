@@ -1,0 +1,145 @@
+"""Sweep YAML: validation with one-line errors, and the expansion into trials (N, D, steps, C, lr). No Ray."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from app.errors import ConfigError
+from app.sweep_config import load_sweep, plan_trials, sweep_from_dict
+from tests.conftest import REPO
+
+SMOKE = REPO / "tune_configs" / "smoke.yaml"
+SMALL = REPO / "tune_configs" / "scaling_small.yaml"
+
+
+def non_embedding_params(n_layer: int, d: int) -> int:
+    """GPT with biases and mlp_ratio 4: per block 12d² + 13d, plus the final LayerNorm (2d)."""
+    return n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
+@pytest.fixture(scope="module")
+def smoke_tree() -> dict:
+    return yaml.safe_load(SMOKE.read_text())
+
+
+def sweep_with(tree: dict, change) -> object:
+    tree = copy.deepcopy(tree)
+    change(tree)
+    return plan_trials(sweep_from_dict(tree, "s.yaml"))
+
+
+# ---- expansion -----------------------------------------------------------------------------------------------
+
+
+def test_smoke_sweep_expands_to_every_shape_budget_and_seed():
+    sweep = load_sweep(SMOKE)
+    trials = plan_trials(sweep, storage="/tmp/sweep")
+    assert len(trials) == len(sweep.grid.shapes) * len(sweep.grid.budgets) * len(sweep.grid.seeds) == 6
+    assert len({t.name for t in trials}) == 6
+    per_step = 8 * 64  # tiny preset: global batch 8, context 64
+    for t in trials:
+        assert t.n_params == non_embedding_params(t.shape.n_layer, t.shape.d_model)
+        assert t.tokens == t.steps * per_step and t.tokens in sweep.grid.tokens
+        assert t.compute == 6 * t.n_params * t.tokens
+        assert t.model_flops == t.flops_per_token * t.tokens > t.compute  # head and attention on top of 6N
+        assert t.lr == pytest.approx(3e-3 * 64 / t.shape.d_model)  # lr = base × (d_ref / d_model)^1
+        assert t.warmup_steps == round(0.1 * t.steps)
+        cfg = t.cfg
+        assert (cfg.name, cfg.storage, cfg.steps, cfg.optim.lr) == (t.name, "/tmp/sweep", t.steps, t.lr)
+        assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head) == (
+            t.shape.n_layer, t.shape.d_model, t.shape.n_head)
+        assert (cfg.parallel.workers, cfg.parallel.zero_stage, cfg.eval_every) == ("1", 0, 0)
+    flops = [t.model_flops for t in trials]
+    assert flops == sorted(flops, reverse=True)  # longest trials first
+
+
+def test_tokens_per_param_and_flops_budgets(smoke_tree):
+    def per_param(tree):
+        tree["grid"].pop("tokens")
+        tree["grid"]["tokens_per_param"] = [20]
+
+    for t in sweep_with(smoke_tree, per_param):
+        assert t.tokens == pytest.approx(20 * t.n_params, abs=8 * 64 / 2)  # rounded to whole steps
+
+    def iso(tree):
+        tree["grid"].pop("tokens")
+        tree["grid"]["flops"] = [3e10]
+
+    for t in sweep_with(smoke_tree, iso):
+        assert t.compute == pytest.approx(3e10, rel=6 * t.n_params * 8 * 64 / 2 / 3e10 + 1e-9)
+
+
+def test_lr_table_and_seeds(smoke_tree):
+    def table(tree):
+        tree["lr"] = {"rule": "table", "table": {32: 1e-2, 48: 5e-3, 64: 2e-3}}
+        tree["grid"]["seeds"] = [1, 2]
+
+    trials = sweep_with(smoke_tree, table)
+    assert len(trials) == 12 and {t.seed for t in trials} == {1, 2}
+    assert {t.shape.d_model: t.lr for t in trials} == {32: 1e-2, 48: 5e-3, 64: 2e-3}
+
+
+def test_concurrency_is_capped_by_cpus():
+    sweep = load_sweep(SMOKE)
+    assert sweep.trials_per_round(2) == 2
+    assert sweep.trials_per_round(1) == 1
+    assert sweep.trials_per_round(64) == sweep.max_concurrent
+
+
+def test_shipped_sweeps_validate():
+    for path in (SMOKE, SMALL):
+        assert plan_trials(load_sweep(path))
+
+
+# ---- one-line errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda t: t.update(max_concurent=3), "unknown sweep key 'max_concurent'; did you mean 'max_concurrent'?"),
+        (lambda t: t["grid"]["shapes"][0].update(d_modle=32),
+         "unknown sweep key 'grid.shapes[0].d_modle'; did you mean 'grid.shapes[0].d_model'?"),
+        (lambda t: t["grid"]["shapes"][0].update(num_layers=2),
+         "did you mean 'grid.shapes[0].n_layer'?"),
+        (lambda t: t["grid"].update(shapes=[]), "sweep key 'grid.shapes' is empty; list at least one model shape"),
+        (lambda t: t["grid"].update(tokens=[]), "sweep key 'grid.tokens' is empty"),
+        (lambda t: t["grid"].pop("tokens"), "needs exactly one budget list: tokens, tokens_per_param or flops"),
+        (lambda t: t["grid"].update(flops=[1e9]), "(got tokens and flops)"),
+        (lambda t: t["grid"]["shapes"][0].update(n_head=3), "d_model=32 is not divisible by n_head=3"),
+        (lambda t: t.update(overrides={"model.d_model": 96}), "'model.d_model' is set per trial by the sweep"),
+        (lambda t: t.update(overrides={"optim.lr": 1e-3}), "'optim.lr' conflicts with lr.rule=power"),
+        (lambda t: t.update(overrides={"model.n_layr": 3}), "unknown config key 'model.n_layr'; did you mean"),
+        (lambda t: t["lr"].pop("base"), "sweep key 'lr': rule 'power' needs base"),
+        (lambda t: t.update(lr={"rule": "table", "table": {64: 1e-3}}), "lr.table has no entry for d_model=32"),
+        (lambda t: t.update(max_concurrent=0), "sweep key 'max_concurrent': Input should be greater than or equal"),
+        (lambda t: t.pop("max_concurrent"), "sweep key 'max_concurrent' is missing"),
+        (lambda t: t["grid"].update(tokens=[100]), "less than one global batch (512 tokens)"),
+        (lambda t: t["grid"].update(tokens=[32768, 32800]), "give L2-d64-h4 the same 64 steps"),
+        (lambda t: t.update(preset="tinny"), "unknown preset 'tinny'; did you mean 'tiny'?"),
+        (lambda t: (t.pop("warmup_fraction"), t["grid"].update(tokens=[1024])),
+         "has 2 steps but optim.warmup_steps=5; set warmup_fraction"),
+    ],
+)
+def test_bad_sweeps_give_one_line_errors(smoke_tree, change, message):
+    with pytest.raises(ConfigError) as err:
+        sweep_with(smoke_tree, change)
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="sweep file .*nope.yaml does not exist"):
+        load_sweep(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_sweep(bad)
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_sweep(bad)
+
