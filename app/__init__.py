@@ -4,6 +4,7 @@ The SDK functions are re-exported here so a notebook can `import app; app.prepar
 no Ray and loads no torch.
 """
 
-from app.sdk import ModelInfo, info, load_config, prepare_data, train
+from app.sdk import ModelInfo, fit, fit_report, info, load_config, load_fit, plan, prepare_data, sweep, train
 
-__all__ = ["ModelInfo", "info", "load_config", "prepare_data", "train"]
+__all__ = ["ModelInfo", "fit", "fit_report", "info", "load_config", "load_fit", "plan", "prepare_data", "sweep",
+           "train"]

@@ -113,6 +113,169 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- sweep ---------------------------------------------------------------------------------------------------
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="sweep YAML, e.g. tune_configs/smoke.yaml")
+    p.add_argument("--out", help="sweep folder (default: runs/sweeps/NAME); an existing one is resumed")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field for every trial, e.g. --set data.dir=runs/data/tiny (repeatable)",
+    )
+    p.add_argument("--num-cpus", type=int, help="CPUs for embedded Ray (default: all)")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from app import sdk
+    from app.console import print_table
+
+    try:
+        result = sdk.sweep(args.config, args.out, overrides=args.overrides, num_cpus=args.num_cpus)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume (finished trials are kept)", file=sys.stderr)
+        raise
+    verb = "resumed and finished" if result.resumed else "finished"
+    print_table(f"sweep {result.sweep_dir.name}: {verb} in {result.wall_s:.0f} s",
+                ["trial", "N (non-emb.)", "D (tokens)", "C = 6ND", "val loss", "wall s", "status"], result.rows())
+    print(f"results {result.results_parquet} (+ .csv); trial runs in {result.sweep_dir / 'trials'}")
+    failed = result.failed
+    if len(failed):
+        first = failed.iloc[0]
+        print(f"error: {len(failed)} of {len(result.df)} trials did not finish (first: {first['trial']}: "
+              f"{first['error'] or first['status']}); run the same command again to retry them", file=sys.stderr)
+        return 1
+    print(f"next: python -m app fit {result.results_parquet}")
+    return 0
+
+
+# ---- fit -----------------------------------------------------------------------------------------------------
+
+
+def _fit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", help="a sweep's results.parquet/.csv (or its folder), or a CSV of runs with "
+                                   "N/n_params, D/tokens or C/compute, and loss/val_loss columns")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
+    p.add_argument("--predict-n", type=float, action="append", default=[], metavar="N",
+                   help="predict the loss at N parameters (repeatable; pair each with --predict-d)")
+    p.add_argument("--predict-d", type=float, action="append", default=[], metavar="D",
+                   help="... and D training tokens")
+    p.add_argument("--grid", choices=["full", "small"], default="full",
+                   help="L-BFGS starting grid: full = Besiroglu et al.'s 5,400 points, small = 72 (default full)")
+    p.add_argument("--drop-highest-loss", type=int, default=0, metavar="K",
+                   help="leave out the K highest-loss runs (Besiroglu et al. drop 5 of Chinchilla's)")
+    p.add_argument("--out", help="folder for fit.json and PNGs (default: fit/ in a sweep folder, else "
+                                 "runs/fits/NAME)")
+    p.add_argument("--no-plots", action="store_true", help="write fit.json only")
+
+
+def _interval(lo: float, hi: float) -> str:
+    return "" if lo != lo else f"[{lo:,.4g}, {hi:,.4g}]"  # lo != lo: NaN, no bootstrap
+
+
+def _fit(args: argparse.Namespace) -> int:
+    import math
+    from pathlib import Path
+
+    from app import sdk
+    from app.console import print_table
+    from app.errors import FitError
+    from pipelines.fit_scaling import default_out
+
+    if len(args.predict_n) != len(args.predict_d):
+        raise FitError(f"got {len(args.predict_n)} --predict-n and {len(args.predict_d)} --predict-d; "
+                       "give them in pairs")
+    out = args.out or default_out(args.results)
+    report = sdk.fit_report(args.results, out=out, bootstrap=args.bootstrap, seed=args.seed,
+                            predict=list(zip(args.predict_n, args.predict_d)), grid=args.grid,
+                            drop_highest_loss=args.drop_highest_loss, plots=not args.no_plots)
+    law = report.law
+    level = f"{law.ci_level:.0%}"
+    rows = [(k, v, _interval(lo, hi), "" if math.isnan(se) else se)
+            for k, v, lo, hi, se in report.param_rows()]
+    exps = law.frontier_exponents()
+    for name, label in (("a", "a (N_opt ∝ C^a)"), ("b", "b (D_opt ∝ C^b)")):
+        rows.append((label, exps[name], _interval(*exps.get(f"{name}_ci", (math.nan, math.nan))), ""))
+    print_table(f"L(N, D) = E + A/N^alpha + B/D^beta: {law.n_points} runs of {Path(report.runs.source).name}",
+                ["parameter", "estimate", f"{level} interval", "bootstrap se"], rows)
+    other = []
+    for name, f in (("Kaplan L(N)", report.kaplan_n), ("Kaplan L(C)", report.kaplan_c)):
+        if f is not None:
+            (xc, xc_v), (alpha, alpha_v) = list(f.params.items())[:2]
+            other.append((name, f"{alpha} = {alpha_v:.4g}, {xc} = {xc_v:.3g}", f.n_points))
+    if report.isoflop is not None:
+        iso = report.isoflop
+        other.append(("approach 2 (IsoFLOP)", f"N_opt ∝ C^{iso.a:.3f}, D_opt ∝ C^{iso.b:.3f}",
+                      sum(b.n_points for b in iso.budgets)))
+    for form, why in report.notes.items():
+        other.append((form, f"not fitted: {why.split(';')[0]}", ""))
+    print_table("other forms", ["form", "fit", "runs"], other)
+    if report.predictions:
+        preds = []
+        for n_val, d_val in report.predictions:
+            loss, lo, hi = law.predict(n_val, d_val)
+            preds.append((f"{n_val:.3g}", f"{d_val:.3g}", loss, _interval(lo, hi)))
+        print_table("predictions", ["N", "D", "loss", f"{level} interval"], preds)
+    for note in report.runs.dropped:
+        print(f"left out: {note}")
+    print(f"wrote {', '.join(str(p) for p in report.files)}")
+    return 0
+
+
+# ---- plan ----------------------------------------------------------------------------------------------------
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--flops", type=float, help="compute budget C in FLOPs (e.g. 1e21)")
+    budget.add_argument("--usd", type=float, help="money budget in USD (needs --instance)")
+    p.add_argument("--instance", help="instance type from the price file (default with --flops: the cheapest)")
+    p.add_argument("--spot", action="store_true", help="buy spot capacity (the budget and summary refer to spot)")
+    p.add_argument("--fit", help="fit.json from `python -m app fit` (default: Besiroglu et al.'s Chinchilla refit)")
+    p.add_argument("--summary", help="a training run's summary.json: use its measured tokens/s per worker")
+    p.add_argument("--workers", type=int, default=1, help="training workers (GPUs) of the run (default 1)")
+    p.add_argument("--preemptions-per-hour", type=float, default=0.0,
+                   help="spot interruptions per instance-hour (default 0)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation if no --summary (default 0.4)")
+    p.add_argument("--save-seconds", type=float, default=60.0, help="seconds one checkpoint stalls training")
+    p.add_argument("--restart-seconds", type=float, default=300.0, help="seconds to recover from a failure")
+    p.add_argument("--prices", help="price YAML (default: app/prices.yaml)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from app import sdk
+    from app.console import print_table
+
+    plan = sdk.plan(flops=args.flops, usd=args.usd, instance=args.instance, spot=args.spot, fit=args.fit,
+                    summary=args.summary, workers=args.workers, preemptions_per_hour=args.preemptions_per_hour,
+                    mfu=args.mfu, save_seconds=args.save_seconds, restart_seconds=args.restart_seconds,
+                    prices=args.prices)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    chosen = "" if args.instance else " (the cheapest in the price file)"
+    workers = f"{plan.workers} worker{'s' if plan.workers != 1 else ''}"
+    rows = [("compute C (FLOPs)", plan.compute_flops), ("N_opt (parameters)", plan.n_params),
+            ("D_opt (tokens)", plan.n_tokens), ("tokens per parameter", plan.n_tokens / plan.n_params),
+            ("predicted loss", f"{plan.loss:.4g} {_interval(plan.loss_lo, plan.loss_hi)}".strip()),
+            ("tokens/s per worker", f"{plan.tokens_per_second_per_worker:,.0f}")]
+    budget = f" = ${args.usd:,.2f} of {plan.purchase.replace('_', '-')}" if args.usd else ""
+    print_table(f"plan: {plan.compute_flops:.3g} FLOPs{budget}", ["field", "value"], rows)
+    cost_rows = [(est.purchase.replace("_", "-") + (" *" if est.purchase == plan.purchase else ""),
+                  est.usd_per_instance_hour, est.failures_per_hour, f"{est.checkpoint_interval_s / 60:,.1f} min",
+                  est.goodput, f"{est.wall_hours:,.1f}", f"{est.cost_usd:,.0f}")
+                 for est in (plan.on_demand, plan.spot)]
+    print_table(f"{plan.instance} × {plan.instances} ({workers}); * = the option asked for",
+                ["purchase", "$/inst-h", "fail/h", "ckpt every", "goodput", "hours", "USD"], cost_rows)
+    if chosen:
+        print(f"instance: {plan.instance}{chosen}")
+    print(f"law: {args.fit or 'Besiroglu et al. 2024 refit of Chinchilla (pass --fit fit.json for your own)'}")
+    print(f"throughput: {plan.throughput_source}")
+    return 0
+
+
 # ---- the table -----------------------------------------------------------------------------------------------
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -121,6 +284,11 @@ COMMANDS: dict[str, Command] = {
     "info": ("parameters, FLOPs per token and memory per worker of a preset", _info_args, _info),
     "train": ("train with Ray Train + DeepSpeed (ZeRO 0-3, offload, pipeline); resumes a run by name",
               _train_args, _train),
+    "sweep": ("run a scaling sweep from tune_configs/*.yaml with Ray Tune; resumes an interrupted one",
+              _sweep_args, _sweep),
+    "fit": ("fit scaling laws (Chinchilla approach 3, Kaplan, IsoFLOP) to a results table → fit.json + PNGs",
+            _fit_args, _fit),
+    "plan": ("compute-optimal size, tokens, loss, hours and cost for a FLOP or USD budget", _plan_args, _plan),
 }
 
 

@@ -27,13 +27,15 @@ class _Bar:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: float | None) -> Iterator[_Bar]:
+def progress_bar(description: str, total: float | None, *, eta: bool = True) -> Iterator[_Bar]:
+    """A bar with done / total, elapsed time and rich's time remaining (``eta=False`` leaves that column out,
+    for work finishing in chunks too far apart for rich's 30-second speed window; put your own in ``status``)."""
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        *([TimeRemainingColumn()] if eta else []),
         TextColumn("{task.fields[status]}"),
         console=err_console,
         transient=False,

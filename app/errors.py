@@ -11,3 +11,11 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Missing or unusable data: bad source path, empty corpus, unprepared folder, mismatched tokenizer."""
+
+
+class FitError(UserError):
+    """A scaling fit the data cannot support: too few runs, non-positive or missing values, no usable columns."""
+
+
+class PlanError(UserError):
+    """A training plan that cannot be made: unknown instance type, a budget out of range, no productive time."""

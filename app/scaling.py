@@ -513,6 +513,16 @@ class ScalingFit:
         return _plot_fit(self, Path(out_dir), rel_tol=rel_tol)
 
 
+# Besiroglu et al. 2024 (arXiv:2404.10102), their approach-3 refit of the Chinchilla runs: the default law of
+# `python -m app plan` when no fit of your own is given (it describes Chinchilla's data and tokenizer, not yours).
+BESIROGLU_2024 = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
+
+
+def published_fit() -> ScalingFit:
+    """The Besiroglu et al. 2024 refit of Chinchilla as a ScalingFit (point estimates only: no interval, no data)."""
+    return ScalingFit(form="chinchilla", params=dict(BESIROGLU_2024), ci={}, n_points=240)
+
+
 def fit_chinchilla(
     n: Any,
     d: Any,

@@ -3,6 +3,9 @@
     import app
     data = app.prepare_data(["stdlib"], out="runs/data/code", preset="tiny")
     app.info("bench")
+    result = app.sweep("tune_configs/smoke.yaml")     # SweepResult; result.df has one row per trial
+    law = app.fit(result.results_parquet)             # ScalingFit: .predict(N, D), .frontier(C), .plot(dir)
+    app.plan(flops=1e21, fit=law, instance="g6e.xlarge", spot=True)   # TrainingPlan
 
 Pipelines are imported inside functions so that `import app` stays fast and starts no Ray.
 """
@@ -17,7 +20,8 @@ from app.config import TrainConfig, load_config, parse_workers
 from app.console import html_table
 from app.parallel import memory_estimate
 
-__all__ = ["load_config", "prepare_data", "info", "train", "ModelInfo"]
+__all__ = ["load_config", "prepare_data", "info", "train", "ModelInfo", "sweep", "fit", "fit_report", "load_fit",
+           "plan"]
 
 
 def prepare_data(
@@ -125,3 +129,122 @@ def train(preset: str | TrainConfig = "tiny", overrides: Sequence[str] = (), *, 
 
     cfg = preset if isinstance(preset, TrainConfig) else load_config(preset, list(overrides))
     return pipeline.run(cfg, num_cpus=num_cpus)
+
+
+# ---- scaling laws: sweep → fit → plan ------------------------------------------------------------------------
+
+
+def sweep(config, out: str | Path | None = None, *, overrides: Sequence[str] = (), num_cpus: int | None = None):
+    """Run (or resume) the sweep in `config` (a tune_configs/*.yaml path or a SweepConfig) with Ray Tune; each
+    trial trains one model to the end of its schedule with Ray Train. Results land in `out` (default
+    runs/sweeps/NAME). Returns a `SweepResult` whose `.df` has one row per trial: N, D, C = 6ND, val_loss, ...
+    Running it again on the same `out` resumes: finished trials are not redone."""
+    from pipelines import sweep as pipeline
+
+    return pipeline.run(config, out, overrides=list(overrides), num_cpus=num_cpus)
+
+
+def fit_report(results, *, out: str | Path | None = None, bootstrap: int = 1000, seed: int = 0,
+               predict: Sequence[tuple[float, float]] = (), grid: str = "full", drop_highest_loss: int = 0,
+               plots: bool = True):
+    """Fit a results table (a sweep's results.parquet/.csv, a CSV of runs, or a DataFrame): approach 3 with a
+    `bootstrap`-resample interval, plus Kaplan L(N), L(C) and approach 2 where the runs allow. With `out`, writes
+    fit.json and loss_vs_compute.png, isoflop.png, residuals.png there. Returns a `FitReport`."""
+    from pipelines import fit_scaling
+
+    return fit_scaling.run(results, out=out, bootstrap=bootstrap, seed=seed, predict=predict, grid=grid,
+                           drop_highest_loss=drop_highest_loss, plots=plots)
+
+
+def fit(results, *, out: str | Path | None = None, bootstrap: int = 1000, seed: int = 0,
+        predict: Sequence[tuple[float, float]] = (), grid: str = "full", drop_highest_loss: int = 0):
+    """`fit_report(...)`'s approach-3 law: a `ScalingFit` with `.predict(N, D)`, `.frontier(C)`, `.plot(dir)`."""
+    return fit_report(results, out=out, bootstrap=bootstrap, seed=seed, predict=predict, grid=grid,
+                      drop_highest_loss=drop_highest_loss).law
+
+
+def load_fit(path: str | Path):
+    """A `ScalingFit` from a fit.json written by `fit` / `python -m app fit`."""
+    import json
+
+    from app.errors import DataError, FitError
+    from app.scaling import ScalingFit
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "fit.json"
+    if not path.is_file():
+        raise DataError(f"fit file {path} does not exist; write one with `python -m app fit RESULTS --out DIR`")
+    try:
+        obj = json.loads(path.read_text())
+        return ScalingFit.from_json(obj)
+    except (ValueError, KeyError, TypeError):
+        raise FitError(f"{path} is not a fit.json from `python -m app fit` (needs form, params, n_points)") from None
+
+
+def measured_throughput(summary: str | Path) -> tuple[float, float]:
+    """(tokens/s per worker, N the throughput was measured at) from a training run's summary.json.
+
+    N is flops_per_token / 6: the planner rescales throughput at constant FLOP/s, so the size that matters is the
+    model's whole training cost per token (output head and attention included), not only its parameters."""
+    import json
+
+    from app.errors import DataError
+
+    path = Path(summary)
+    if path.is_dir():
+        path = path / "summary.json"
+    if not path.is_file():
+        raise DataError(f"summary {path} does not exist; pass runs/<run>/summary.json of a finished training run")
+    s = json.loads(path.read_text())
+    try:
+        world = int((s.get("world_sizes") or [1])[-1]) or 1
+        tokens_per_s, flops_per_token = float(s["tokens_per_s"]), float(s["flops_per_token"])
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{path} lacks tokens_per_s / flops_per_token; is it a training run's summary.json?") from None
+    if not tokens_per_s > 0:
+        raise DataError(f"{path} reports tokens_per_s={tokens_per_s}; the run trained no steps")
+    return tokens_per_s / world, flops_per_token / 6.0
+
+
+def plan(*, flops: float | None = None, usd: float | None = None, instance: str | None = None, spot: bool = False,
+         fit=None, summary: str | Path | None = None, workers: int = 1, preemptions_per_hour: float = 0.0,
+         mfu: float = 0.4, save_seconds: float = 60.0, restart_seconds: float = 300.0,
+         prices: str | Path | None = None):
+    """A compute-optimal run for `flops` (FLOPs) or `usd` (USD on `instance`): N_opt, D_opt, predicted loss,
+    wall hours and cost on-demand vs spot with expected goodput and the Young–Daly checkpoint interval.
+
+    `fit`: a ScalingFit or a fit.json path (default: Besiroglu et al.'s refit of Chinchilla). `summary`: a
+    training run's summary.json for measured tokens/s (then `instance` must name the machine it ran on); without
+    it tokens/s is estimated from the instance's peak FLOP/s × `mfu`. With `flops` and no `instance`, the
+    instance type that makes the run cheapest is chosen. Returns a `TrainingPlan`."""
+    from app import costs
+    from app.errors import PlanError
+    from app.scaling import ScalingFit, published_fit
+
+    if (flops is None) == (usd is None):
+        raise PlanError("give exactly one budget: --flops C (FLOPs) or --usd X (with --instance)")
+    if usd is not None and instance is None:
+        raise PlanError("--usd needs --instance TYPE: the budget buys hours of one machine type")
+    if summary is not None and instance is None:
+        raise PlanError("--summary gives the throughput of one machine type; name it with --instance TYPE")
+    law = fit if isinstance(fit, ScalingFit) else load_fit(fit) if fit is not None else published_fit()
+    try:
+        table = costs.load_prices(prices)
+    except ValueError as err:
+        raise PlanError(str(err)) from None
+    tps, at_params = measured_throughput(summary) if summary is not None else (None, None)
+
+    def one(name: str):
+        return costs.plan_training(
+            law, instance=name, compute_flops=flops, budget_usd=usd, spot=spot, workers=workers,
+            tokens_per_second_per_worker=tps, throughput_measured_at_params=at_params, mfu=mfu,
+            preemptions_per_hour=preemptions_per_hour, save_seconds=save_seconds, restart_seconds=restart_seconds,
+            prices=table)
+
+    try:
+        if instance is not None:
+            return one(instance)
+        return min((one(name) for name in table), key=lambda p: p.cost_usd)
+    except ValueError as err:
+        raise PlanError(str(err)) from None

@@ -9,7 +9,7 @@ import yaml
 
 from app.errors import ConfigError
 from app.sweep_config import load_sweep, plan_trials, sweep_from_dict
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 SMOKE = REPO / "tune_configs" / "smoke.yaml"
 SMALL = REPO / "tune_configs" / "scaling_small.yaml"
@@ -143,3 +143,15 @@ def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_sweep(bad)
 
+
+def test_sweep_cli_reports_a_bad_file_in_one_line(tmp_path):
+    tree = yaml.safe_load(SMOKE.read_text())
+    tree["grid"]["shapes"] = []
+    path = tmp_path / "empty.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    result = run_cli("sweep", str(path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}: sweep key 'grid.shapes' is empty; list at least one model shape, e.g. "
+        "{n_layer: 2, d_model: 64, n_head: 4}"]
+    assert not (tmp_path / "out").exists()  # refused before anything was written or Ray started

@@ -1,0 +1,216 @@
+"""Scaling-law fits from a table of runs: approach 3 with bootstrap intervals, plus Kaplan's L(N), L(C) and
+approach 2 where the runs allow them → fit.json and PNG plots.
+
+    python -m app fit runs/sweeps/smoke/results.parquet --bootstrap 1000 --out runs/sweeps/smoke/fit
+    python -m app fit ../shared/data/chinchilla_svg_extracted_data.csv --drop-highest-loss 5
+
+The table is a sweep's results.parquet / results.csv (rows with status other than "ok" are left out) or any CSV /
+Parquet with a parameter column (n_params, N, "Model Size"), tokens (tokens, D) or compute (compute, C,
+"Training FLOP"; D = C / 6N) and a loss column (val_loss, loss). All fitting is app/scaling.py; no Ray here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from app.errors import DataError, FitError
+from app.scaling import (
+    BESIROGLU_GRID,
+    FLOPS_PER_PARAM_TOKEN,
+    SMALL_GRID,
+    IsoFlopFit,
+    PowerLawFit,
+    ScalingFit,
+    fit_chinchilla,
+    fit_isoflop,
+    fit_kaplan_c,
+    fit_kaplan_n,
+)
+
+# Accepted column names, first match wins: ours (sweep results), the usual short names, Epoch AI's Chinchilla CSV.
+COLUMNS = {
+    "n": ("n_params", "N", "params", "Model Size", "model_size"),
+    "d": ("tokens", "D", "n_tokens", "Tokens"),
+    "c": ("compute", "C", "Training FLOP", "training_flops", "flops"),
+    "loss": ("val_loss", "loss", "final_val_loss", "Loss"),
+}
+GRIDS = {"full": BESIROGLU_GRID, "small": SMALL_GRID}
+
+
+@dataclass
+class RunTable:
+    """The runs to fit: N parameters, D tokens, final loss (nats/token), and what was left out and why."""
+
+    n: np.ndarray
+    d: np.ndarray
+    loss: np.ndarray
+    source: str
+    columns: dict[str, str]  # role -> column used ("d" may read "C / 6N from <column>")
+    dropped: list[str] = field(default_factory=list)
+
+
+def _pick(frame, role: str) -> str | None:
+    return next((c for c in COLUMNS[role] if c in frame.columns), None)
+
+
+def read_runs(results: Any, *, drop_highest_loss: int = 0) -> RunTable:
+    """Read a results table (path to CSV/Parquet, or a DataFrame) into N, D, loss arrays."""
+    import pandas as pd
+
+    if isinstance(results, pd.DataFrame):
+        frame, source = results.copy(), "DataFrame"
+    else:
+        path = Path(results)
+        if path.is_dir() and (path / "results.parquet").is_file():
+            path = path / "results.parquet"
+        if not path.is_file():
+            raise DataError(f"results file {path} does not exist; pass a sweep's results.parquet/.csv or a CSV of runs")
+        try:
+            frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        except Exception as err:  # pyarrow/pandas parse errors: name the file, keep one line
+            raise DataError(f"cannot read {path} as {'Parquet' if path.suffix == '.parquet' else 'CSV'}: "
+                            f"{str(err).splitlines()[0]}") from None
+        source = str(path)
+    dropped = []
+    if "status" in frame.columns:
+        bad = frame["status"] != "ok"
+        if bad.any():
+            dropped.append(f"{int(bad.sum())} run(s) with status other than ok "
+                           f"({', '.join(sorted(frame.loc[bad, 'status'].astype(str).unique()))})")
+        frame = frame[~bad]
+    n_col, d_col, c_col, loss_col = (_pick(frame, r) for r in ("n", "d", "c", "loss"))
+    missing = [f"{role} ({' / '.join(COLUMNS[role])})" for role, col in
+               (("parameters", n_col), ("loss", loss_col)) if col is None]
+    if d_col is None and c_col is None:
+        missing.append("tokens (tokens / D) or compute (compute / C / Training FLOP)")
+    if missing:
+        raise FitError(f"{source}: no column for {'; '.join(missing)}; "
+                       f"columns are {', '.join(map(str, frame.columns))}")
+    n = frame[n_col].to_numpy(dtype=float)
+    loss = frame[loss_col].to_numpy(dtype=float)
+    if d_col is not None:
+        d, d_used = frame[d_col].to_numpy(dtype=float), d_col
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = frame[c_col].to_numpy(dtype=float) / (FLOPS_PER_PARAM_TOKEN * n)
+        d_used = f"{c_col} / 6N"
+    if drop_highest_loss:
+        if drop_highest_loss < 0 or drop_highest_loss >= len(loss):
+            raise FitError(f"--drop-highest-loss {drop_highest_loss}: must be between 0 and {len(loss) - 1} "
+                           f"(the table has {len(loss)} runs)")
+        keep = np.sort(np.argsort(loss, kind="stable")[:-drop_highest_loss])
+        n, d, loss = n[keep], d[keep], loss[keep]
+        dropped.append(f"the {drop_highest_loss} highest-loss run(s) (--drop-highest-loss)")
+    return RunTable(n, d, loss, source, {"n": n_col, "d": d_used, "loss": loss_col}, dropped)
+
+
+@dataclass
+class FitReport:
+    """Approach 3 (the law used for predictions and planning) and the other forms the runs allowed."""
+
+    law: ScalingFit
+    kaplan_n: PowerLawFit | None
+    kaplan_c: PowerLawFit | None
+    isoflop: IsoFlopFit | None
+    notes: dict[str, str]  # form -> why it was not fitted
+    runs: RunTable
+    predictions: list[tuple[float, float]]
+    files: list[Path] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """fit.json: approach 3's keys at the top level (form, params, ci, n_points, predictions, ...), then
+        the other forms, the source table and what was left out of it."""
+        out = self.law.to_json(predictions=self.predictions)
+        out.update({
+            "source": self.runs.source,
+            "columns": self.runs.columns,
+            "dropped": self.runs.dropped,
+            "kaplan_n": self.kaplan_n.to_json() if self.kaplan_n else None,
+            "kaplan_c": self.kaplan_c.to_json() if self.kaplan_c else None,
+            "isoflop": self.isoflop.to_json() if self.isoflop else None,
+            "not_fitted": self.notes,
+        })
+        return out
+
+    def param_rows(self) -> list[tuple]:
+        """(parameter, estimate, ci low, ci high, bootstrap se) for approach 3."""
+        se = self.law.se
+        return [(k, v, *self.law.ci.get(k, (math.nan, math.nan)), se.get(k, math.nan))
+                for k, v in self.law.params.items()]
+
+
+def _fit_or_note(notes: dict[str, str], form: str, fit_fn):
+    try:
+        return fit_fn()
+    except ValueError as err:
+        notes[form] = str(err)
+        return None
+
+
+def run(
+    results: Any,
+    *,
+    out: str | Path | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    predict: Sequence[tuple[float, float]] = (),
+    grid: Literal["full", "small"] = "full",
+    drop_highest_loss: int = 0,
+    rel_tol: float = 0.2,
+    plots: bool = True,
+) -> FitReport:
+    """Fit the runs in `results`; with `out`, write fit.json and the PNGs there (see module docstring)."""
+    if grid not in GRIDS:
+        raise FitError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
+    if bootstrap < 0:
+        raise FitError(f"--bootstrap must be >= 0, got {bootstrap}")
+    runs = read_runs(results, drop_highest_loss=drop_highest_loss)
+    for n_val, d_val in predict:
+        if not (n_val > 0 and d_val > 0):
+            raise FitError(f"--predict-n/--predict-d must be > 0, got N={n_val:g}, D={d_val:g}")
+    try:
+        law = fit_chinchilla(runs.n, runs.d, runs.loss, grid=GRIDS[grid], n_bootstrap=bootstrap, seed=seed)
+    except ValueError as err:
+        raise FitError(f"{runs.source}: {err}") from None
+    notes: dict[str, str] = {}
+    kaplan_boot = min(bootstrap, 200)  # one-variable fits: 200 resamples give stable 95% intervals
+    kaplan_n = _fit_or_note(notes, "kaplan_n", lambda: fit_kaplan_n(runs.n, runs.loss, n_bootstrap=kaplan_boot,
+                                                                      seed=seed))
+    kaplan_c = _fit_or_note(notes, "kaplan_c", lambda: fit_kaplan_c(FLOPS_PER_PARAM_TOKEN * runs.n * runs.d,
+                                                                      runs.loss, n_bootstrap=kaplan_boot, seed=seed))
+    isoflop = _fit_or_note(notes, "isoflop", lambda: fit_isoflop(runs.n, runs.d, runs.loss, rel_tol=rel_tol))
+    report = FitReport(law, kaplan_n, kaplan_c, isoflop, notes, runs, [tuple(map(float, p)) for p in predict])
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fit.json").write_text(json.dumps(_finite(report.to_json()), indent=2, allow_nan=False))
+        report.files.append(out / "fit.json")
+        if plots:
+            report.files.extend(law.plot(out, rel_tol=rel_tol))
+    return report
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe copy: NaN and ±inf (e.g. an unbounded bootstrap end) become None."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def default_out(results: Any) -> Path | None:
+    """Where `python -m app fit RESULTS` writes by default: `fit/` inside a sweep folder, else runs/fits/<name>."""
+    if not isinstance(results, (str, Path)):
+        return None
+    path = Path(results)
+    folder = path if path.is_dir() else path.parent
+    return folder / "fit" if (folder / "sweep.json").is_file() else Path("runs/fits") / path.stem

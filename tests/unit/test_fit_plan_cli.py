@@ -1,0 +1,152 @@
+"""`python -m app fit` and `python -m app plan` on synthetic runs, and the SDK functions behind them. No Ray."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import app
+from app.costs import TrainingPlan
+from app.errors import FitError, PlanError
+from app.scaling import ScalingFit
+from tests.conftest import run_cli
+
+TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Hoffmann et al. 2022
+
+
+def synthetic_results(noise: float = 0.003, size: int = 5) -> pd.DataFrame:
+    """A sweep-shaped results table drawn from a known law, plus one failed trial that must be left out."""
+    n, d = (a.ravel() for a in np.meshgrid(np.geomspace(1e7, 1e10, size), np.geomspace(1e9, 1e11, size)))
+    loss = TRUE["E"] + TRUE["A"] / n ** TRUE["alpha"] + TRUE["B"] / d ** TRUE["beta"]
+    loss = loss * np.exp(np.random.default_rng(0).normal(0.0, noise, n.size))
+    df = pd.DataFrame({"trial": [f"t{i:03d}" for i in range(n.size)], "status": "ok", "n_params": n, "tokens": d,
+                       "compute": 6 * n * d, "val_loss": loss})
+    failed = {"trial": "t999", "status": "error", "n_params": 1e8, "tokens": 1e10, "compute": 6e18,
+              "val_loss": np.nan}
+    return pd.concat([df, pd.DataFrame([failed])], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """`python -m app fit` on a synthetic results.csv: the CLI's own output folder."""
+    folder = tmp_path_factory.mktemp("fit")
+    csv = folder / "results.csv"
+    synthetic_results().to_csv(csv, index=False)
+    out = folder / "out"
+    result = run_cli("fit", str(csv), "--bootstrap", "60", "--grid", "small", "--predict-n", "7e10",
+                     "--predict-d", "1.4e12", "--out", str(out))
+    return result, out
+
+
+def test_fit_cli_writes_fit_json_and_plots(fitted):
+    result, out = fitted
+    assert result.returncode == 0, result.stderr
+    fit = json.loads((out / "fit.json").read_text())
+    assert {"form", "params", "ci", "n_points", "predictions"} <= set(fit)
+    assert fit["form"] == "chinchilla" and fit["n_points"] == 25  # the failed trial is left out
+    assert fit["dropped"] == ["1 run(s) with status other than ok (error)"]
+    p = fit["params"]
+    assert (p["E"], p["alpha"], p["beta"]) == pytest.approx((TRUE["E"], TRUE["alpha"], TRUE["beta"]), abs=0.05)
+    assert (p["A"], p["B"]) == pytest.approx((TRUE["A"], TRUE["B"]), rel=0.5)  # 25 noisy runs pin A, B loosely
+    for name, (lo, hi) in fit["ci"].items():
+        assert lo <= p[name] <= hi
+    (pred,) = fit["predictions"]
+    assert (pred["n"], pred["d"]) == (7e10, 1.4e12) and pred["lo"] < pred["loss"] < pred["hi"]
+    truth = TRUE["E"] + TRUE["A"] / 7e10 ** TRUE["alpha"] + TRUE["B"] / 1.4e12 ** TRUE["beta"]
+    assert pred["loss"] == pytest.approx(truth, rel=0.02)
+    assert fit["kaplan_n"]["params"]["alpha_N"] > 0
+    for name in ("loss_vs_compute.png", "isoflop.png", "residuals.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "alpha" in result.stdout and "predictions" in result.stdout and "left out: 1 run(s)" in result.stdout
+
+
+def test_plan_cli_with_a_fit(fitted):
+    _, out = fitted
+    result = run_cli("plan", "--flops", "1e21", "--fit", str(out / "fit.json"), "--instance", "g6e.xlarge",
+                     "--spot", "--preemptions-per-hour", "0.05", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert 6 * plan["n_params"] * plan["n_tokens"] == pytest.approx(1e21, rel=1e-9)
+    assert plan["loss_lo"] < plan["loss"] < plan["loss_hi"]
+    assert plan["purchase"] == "spot" and plan["spot"]["failures_per_hour"] == pytest.approx(0.05)
+    assert plan["spot"]["cost_usd"] < plan["on_demand"]["cost_usd"] and plan["spot"]["goodput"] < 1
+
+    table = run_cli("plan", "--flops", "1e21", "--fit", str(out / "fit.json"), "--instance", "g6e.xlarge")
+    assert table.returncode == 0, table.stderr
+    for text in ("N_opt (parameters)", "D_opt (tokens)", "predicted loss", "on-demand *", "spot", "g6e.xlarge"):
+        assert text in table.stdout
+
+
+def test_plan_cli_default_law_and_measured_throughput(tmp_path):
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"tokens_per_s": 20000.0, "flops_per_token": 6e6, "world_sizes": [2]}))
+    result = run_cli("plan", "--usd", "500", "--instance", "m7i.2xlarge", "--summary", str(summary), "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["on_demand"]["cost_usd"] == pytest.approx(500, rel=1e-6)
+    # 10,000 tokens/s per worker measured at N = 6e6/6, rescaled at constant FLOP/s to N_opt
+    assert plan["tokens_per_second_per_worker"] == pytest.approx(1e4 * 1e6 / plan["n_params"], rel=1e-9)
+    assert plan["loss_lo"] is None  # the default law (published point estimates) has no interval
+    cheapest = run_cli("plan", "--flops", "1e20")
+    assert cheapest.returncode == 0, cheapest.stderr
+    assert "the cheapest in the price file" in cheapest.stdout and "Besiroglu" in cheapest.stdout
+
+
+@pytest.mark.parametrize(
+    "rows,args,message",
+    [
+        (4, [], "approach 3 (L = E + A/N^α + B/D^β) needs at least 5 points (one per fitted parameter), got 4"),
+        ("zero-loss", [], "loss must be > 0 but row 3 is 0"),
+        ("no-tokens", [], "no column for tokens (tokens / D) or compute"),
+        (25, ["--predict-n", "1e9"], "got 1 --predict-n and 0 --predict-d; give them in pairs"),
+        (25, ["--drop-highest-loss", "30"], "--drop-highest-loss 30: must be between 0 and 24"),
+    ],
+)
+def test_fit_cli_mistakes_are_one_line(tmp_path, rows, args, message):
+    df = synthetic_results().iloc[:25]
+    if rows == "zero-loss":
+        df.loc[3, "val_loss"] = 0.0
+    elif rows == "no-tokens":
+        df = df.drop(columns=["tokens", "compute"])
+    else:
+        df = df.iloc[:rows]
+    csv = tmp_path / "results.csv"
+    df.to_csv(csv, index=False)
+    result = run_cli("fit", str(csv), "--bootstrap", "0", "--grid", "small", "--out", str(tmp_path / "o"), *args)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--usd", "100"], "--usd needs --instance TYPE"),
+        (["--flops", "1e21", "--instance", "p9.huge"], "unknown instance type 'p9.huge'"),
+        (["--flops", "1e21", "--fit", "/no/such/fit.json"], "fit file /no/such/fit.json does not exist"),
+        (["--flops", "1e21", "--summary", "/no/summary.json"], "--summary gives the throughput of one machine type"),
+        (["--flops", "0"], "compute_flops must be > 0"),
+    ],
+)
+def test_plan_cli_mistakes_are_one_line(args, message):
+    result = run_cli("plan", *args)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_sdk_fit_and_plan():
+    law = app.fit(synthetic_results(), bootstrap=20, grid="small")
+    assert isinstance(law, ScalingFit) and law.n_points == 25
+    n_opt, d_opt, loss = law.frontier(1e21)
+    assert 6 * n_opt * d_opt == pytest.approx(1e21)
+    plan = app.plan(flops=1e21, fit=law, instance="p4d.24xlarge", workers=8)
+    assert isinstance(plan, TrainingPlan) and plan.instances == 1 and plan.n_params == pytest.approx(n_opt)
+    with pytest.raises(FitError, match="at least 5 points"):
+        app.fit(synthetic_results().iloc[:3], bootstrap=0, grid="small")
+    with pytest.raises(PlanError, match="exactly one budget"):
+        app.plan(flops=1e21, usd=10.0, instance="g5.xlarge")
