@@ -276,6 +276,36 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- chaos ---------------------------------------------------------------------------------------------------
+
+
+def _chaos_args(p: argparse.ArgumentParser) -> None:
+    from pipelines.chaos import SCENARIOS
+
+    p.add_argument("--scenario", required=True, choices=SCENARIOS, help="the fault to inject")
+    _train_args(p)
+    p.add_argument("--out", default="runs/chaos", help="folder for chaos.json and both runs (default runs/chaos)")
+    p.add_argument("--inject-at-step", type=int, help="inject once training passes this step (default steps/3)")
+    p.add_argument("--notice", type=int, default=8, help="spot: seconds between drain notice and node loss")
+    p.add_argument("--no-rejoin", action="store_true", help="spot/kill-node: the lost node never comes back")
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    import json
+
+    from app import sdk
+
+    result = sdk.chaos(args.preset, args.scenario, _train_overrides(args), out=args.out,
+                       inject_at_step=args.inject_at_step, notice_s=args.notice,
+                       rejoin_after_s=None if args.no_rejoin else 4.0)
+    from app.console import print_table
+
+    print_table(f"chaos: {args.scenario}", ["metric", "value"], [(k, json.dumps(v) if isinstance(v, list) else v)
+                                                                 for k, v in result.report.items()])
+    print(f"report {result.path}")
+    return 0
+
+
 # ---- the table -----------------------------------------------------------------------------------------------
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -284,6 +314,8 @@ COMMANDS: dict[str, Command] = {
     "info": ("parameters, FLOPs per token and memory per worker of a preset", _info_args, _info),
     "train": ("train with Ray Train + DeepSpeed (ZeRO 0-3, offload, pipeline); resumes a run by name",
               _train_args, _train),
+    "chaos": ("inject a fault (spot reclaim, killed worker or node, torn checkpoint, resize) into training on a "
+              "local multi-node Ray cluster and measure recovery against an undisturbed run", _chaos_args, _chaos),
     "sweep": ("run a scaling sweep from tune_configs/*.yaml with Ray Tune; resumes an interrupted one",
               _sweep_args, _sweep),
     "fit": ("fit scaling laws (Chinchilla approach 3, Kaplan, IsoFLOP) to a results table → fit.json + PNGs",

@@ -248,3 +248,16 @@ def plan(*, flops: float | None = None, usd: float | None = None, instance: str 
         return min((one(name) for name in table), key=lambda p: p.cost_usd)
     except ValueError as err:
         raise PlanError(str(err)) from None
+
+
+def chaos(preset: str | TrainConfig = "tiny", scenario: str = "spot", overrides: Sequence[str] = (), *,
+          out: str | Path = "runs/chaos", inject_at_step: int | None = None, notice_s: int = 8,
+          rejoin_after_s: float | None = 4.0):
+    """Train on a local multi-node Ray cluster, inject `scenario`, compare with an undisturbed run. Returns a
+    `ChaosResult` whose report holds recovery_s, lost_steps, duplicated/skipped samples, loss difference,
+    goodput and world sizes (also written to chaos.json)."""
+    from pipelines import chaos as pipeline
+
+    cfg = preset if isinstance(preset, TrainConfig) else load_config(preset, list(overrides))
+    return pipeline.run(cfg, scenario, out=out, inject_at_step=inject_at_step, notice_s=notice_s,
+                        rejoin_after_s=rejoin_after_s)

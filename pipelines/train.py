@@ -48,7 +48,9 @@ class TrainResult:
     run_dir: str
     summary: dict[str, Any]
     artifact: str | None
-    history: Any  # pandas.DataFrame: step, loss, lr, step_time_s, tokens_per_s, val_loss
+    history: Any  # pandas.DataFrame, one row per step: step, loss, lr, step_time_s, tokens_per_s, val_loss, ...
+    records: list[dict] = field(default_factory=list)  # every step as computed, recomputed ones included
+    attempts: list[dict] = field(default_factory=list)  # one per worker-group start: world size, start step
 
     def _repr_html_(self) -> str:
         from app.console import html_table
@@ -69,13 +71,23 @@ def _progress_board_cls():
             self.records: list[dict] = []
             self.attempts: list[dict] = []
             self.ledger: dict[str, float] = {}
+            self.workers: list[dict] = []  # every worker process ever started: rank, pid, node, attempt
+
+        def worker(self, rank: int, pid: int, node_id: str) -> None:
+            self.workers.append({"rank": rank, "pid": pid, "node_id": node_id, "attempt": len(self.attempts),
+                                 "time": time.time()})
+
+        def live_workers(self) -> list[dict]:
+            """Workers of the newest attempt (a fault injector's targets)."""
+            latest = max((w["attempt"] for w in self.workers), default=0)
+            return [w for w in self.workers if w["attempt"] == latest]
 
         def attempt(self, world_size: int, start_step: int, from_dp: int | None, conversion_s: float) -> None:
             self.attempts.append({"world_size": world_size, "start_step": start_step, "from_dp": from_dp,
                                   "universal_conversion_s": conversion_s, "time": time.time()})
 
         def log(self, record: dict, ledger: dict[str, float]) -> None:
-            self.records.append(record)
+            self.records.append({**record, "attempt": len(self.attempts)})
             for k, v in ledger.items():
                 self.ledger[k] = self.ledger.get(k, 0.0) + v
 
@@ -202,6 +214,7 @@ def _evaluate(engine, batches, pipelined: bool) -> float:
 
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: restore if a checkpoint exists, train to cfg.steps, checkpoint and report."""
+    import ray
     import ray.train
     import torch
     import torch.distributed as dist
@@ -261,11 +274,12 @@ def train_loop_per_worker(config: dict) -> None:
         restore_s = time.perf_counter() - t0
     if rank == 0:
         board.attempt.remote(world, start_step, found.state["dp"] if found else None, conversion_s)
+    board.worker.remote(rank, os.getpid(), ray.get_runtime_context().get_node_id())
 
     ledger = {"startup": time.perf_counter() - t_begin - restore_s, "restore": restore_s}
     last_save = time.monotonic()
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
-    jit_saved = False
+    jit_saved, last_save_s = False, 0.0
     for step in range(start_step, end):
         # Dropout masks depend only on (seed, step, rank): a resumed step draws exactly what it drew before.
         torch.manual_seed(cfg.seed * 1_000_003 + step * 4099 + rank)
@@ -284,12 +298,17 @@ def train_loop_per_worker(config: dict) -> None:
             torch.cuda.synchronize()
         step_time = time.perf_counter() - t0
 
-        # One small all-gather per step: the global mean loss, per-rank step times (stragglers) and rank 0's
-        # wall-clock checkpoint decision, so every rank takes the same branch below.
+        done = step + 1
+        # A drain notice (spot reclaim) reaches every rank through this barrier at the same steps.
+        notice = ray.train.get_preemption_info() if done % cfg.elastic.preemption_check_every == 0 else None
+        # One small all-gather per step: the global mean loss, per-rank step times (stragglers), and rank 0's
+        # wall-clock decisions (a timed checkpoint; winding down before a preemption deadline), so every rank
+        # takes the same branch below.
         every_min = cfg.checkpoint.every_minutes
         time_says_save = float(bool(every_min) and time.monotonic() - last_save >= every_min * 60)
+        wind_down = float(notice is not None and _must_wind_down(notice, step_time, last_save_s))
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-        mine = torch.tensor([loss, step_time, time_says_save, rss_mb], dtype=torch.float64)
+        mine = torch.tensor([loss, step_time, time_says_save, rss_mb, wind_down], dtype=torch.float64)
         gathered = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)
         table = torch.stack(gathered)
@@ -297,15 +316,15 @@ def train_loop_per_worker(config: dict) -> None:
         times = table[:, 1].tolist()
         sample_ids = _gather_sample_ids(order, step, plan, dp_rank, world)
 
-        done = step + 1
         last = done == end
         evaluated = last or bool(cfg.eval_every and done % cfg.eval_every == 0)
         val_loss = _evaluate(engine, val, pipelined) if evaluated else None
         save = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or bool(table[0, 2])
-        if done % cfg.elastic.preemption_check_every == 0 and ray.train.get_preemption_info() is not None:
-            # A node of ours is being drained (spot reclaim): checkpoint now, once per notice, and keep training
-            # until it goes; Ray then restarts the group on what is left from this checkpoint.
-            save = save or not jit_saved
+        winding_down = bool(table[0, 4])
+        if notice is not None:
+            # A node of ours is being drained: checkpoint at once (just in time), keep training while the deadline
+            # leaves room, and checkpoint once more right before it, so that no optimizer step is lost.
+            save = save or not jit_saved or winding_down
             jit_saved = True
         tokens_per_s = plan.global_batch * cfg.model.seq_len / step_time
         record = {
@@ -317,16 +336,36 @@ def train_loop_per_worker(config: dict) -> None:
             "world_size": world, "time": time.time(),
         }
         ledger["productive"] = ledger.get("productive", 0.0) + step_time
+        record["checkpoint"] = ("final-before-deadline" if winding_down else "just-in-time" if notice is not None
+                                else "periodic") if save else None
         if save:
             t0 = time.perf_counter()
             _save_checkpoint(engine, cfg, plan, done, config, record, fs, run_path, rank)
-            last_save = time.monotonic()
-            ledger["checkpoint"] = ledger.get("checkpoint", 0.0) + time.perf_counter() - t0
+            last_save, last_save_s = time.monotonic(), time.perf_counter() - t0
+            ledger["checkpoint"] = ledger.get("checkpoint", 0.0) + last_save_s
         elif done % cfg.log_every == 0:
             ray.train.report(record)
         if rank == 0:
             board.log.remote(record, ledger)
         ledger = {}
+        if winding_down and not last:
+            _await_teardown(notice)
+            jit_saved = False  # the node survived its deadline: a later notice gets its own checkpoints
+
+
+def _must_wind_down(notice, step_time: float, save_s: float, margin_s: float = 1.0) -> bool:
+    """True when another step and a checkpoint would no longer fit before the preemption deadline."""
+    if notice.deadline_ms is None:
+        return False
+    return notice.deadline_ms / 1000 - time.time() < 2 * step_time + save_s + margin_s
+
+
+def _await_teardown(notice, grace_s: float = 30.0) -> None:
+    """Everything is saved: idle until Ray tears the group down at the deadline instead of computing steps that
+    would be thrown away. If the node outlives its deadline by `grace_s` (a cancelled reclaim), carry on."""
+    until = (notice.deadline_ms / 1000 if notice.deadline_ms else time.time()) + grace_s
+    while time.time() < until:
+        time.sleep(0.2)
 
 
 def _repair_universal_load(engine, decay_by_group: list[float]) -> None:
@@ -419,6 +458,10 @@ def validate(cfg: TrainConfig) -> list[int]:
     return sizes
 
 
+def board_name(run_name: str) -> str:
+    return f"scalestack-progress-{run_name}"
+
+
 def _check_resume(fs, run_path: str, cfg: TrainConfig):
     """A run name with checkpoints resumes; refuse one whose checkpoints come from different settings."""
     found = latest_complete(fs, run_path)
@@ -501,7 +544,13 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True)
 
         with torch.device("meta"):
             flops_per_token = GPT(cfg.model).flops_per_token()
-        board = _progress_board_cls().remote()
+        # Named so that tools beside the driver (the chaos harness, a notebook) can follow the run.
+        # Pinned to the driver's node (the on-demand head on a cluster): it must outlive any worker node.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        board = _progress_board_cls().options(
+            name=board_name(cfg.name), scheduling_strategy=NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False)).remote()
         resources = {"CPU": cfg.parallel.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
         apply_recovery_env(cfg.elastic.model_dump())
         trainer = ElasticTorchTrainer(
@@ -539,33 +588,36 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True)
         wall_s = time.perf_counter() - t_start
         new, attempts, ledger_s = ray.get(board.snapshot.remote(len(records)))
         records.extend(new)
+        ray.kill(board)  # frees its name at once for a re-run of this run name
     if "error" in outcome:
         raise outcome["error"]
 
-    history, lost_s = _history(records)
+    history, lost_s, lost_steps = _history(records)
     ledger = GoodputLedger({**GoodputLedger().seconds, **ledger_s})
     ledger.seconds["productive"] -= lost_s  # steps computed twice count once
     ledger.add("lost", lost_s)
     artifact = _export(fs, run_path, cfg, data_dir, history)
-    summary = _summary(cfg, history, attempts, ledger, wall_s, flops_per_token)
+    summary = _summary(cfg, history, attempts, ledger, wall_s, flops_per_token, lost_steps)
     _write_run_files(fs, run_path, summary, history)
     return TrainResult(run_dir=f"{storage}/{cfg.name}" if "://" in storage else run_path, summary=summary,
-                       artifact=artifact, history=history)
+                       artifact=artifact, history=history, records=records, attempts=attempts)
 
 
 def _history(records: list[dict]):
-    """One row per optimizer step (the last time it was computed) and the seconds spent on recomputed steps."""
+    """One row per optimizer step (the last time it was computed), and the seconds and number of step
+    computations thrown away by failures (steps done after the last checkpoint, recomputed after a restart)."""
     import pandas as pd
 
     df = pd.DataFrame(records)
     if df.empty:
-        return df, 0.0
-    lost_s = float(df[df.duplicated("step", keep="last")]["step_time_s"].sum())
-    return df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True), lost_s
+        return df, 0.0, 0
+    lost = df[df.duplicated("step", keep="last")]
+    kept = df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+    return kept, float(lost["step_time_s"].sum()), len(lost)
 
 
 def _summary(cfg: TrainConfig, history, attempts: list[dict], ledger: GoodputLedger, wall_s: float,
-             flops_per_token: int) -> dict[str, Any]:
+             flops_per_token: int, lost_steps: int) -> dict[str, Any]:
     tokens = int(len(history) * cfg.parallel.global_batch * cfg.model.seq_len)
     productive = ledger.seconds["productive"]
     tokens_per_s = tokens / productive if productive > 0 else 0.0
@@ -585,6 +637,7 @@ def _summary(cfg: TrainConfig, history, attempts: list[dict], ledger: GoodputLed
         "wall_s": round(wall_s, 2),
         "world_sizes": world_sizes,
         "restarts": max(0, len(attempts) - 1),
+        "lost_steps": lost_steps,
         "resumed_from_step": attempts[0]["start_step"] if attempts else 0,
         "universal_conversion_s": round(sum(a["universal_conversion_s"] for a in attempts), 3),
         "goodput": round(ledger.goodput(wall_s), 4),

@@ -13,12 +13,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Chaos tests start their own multi-node cluster (and stop the embedded Ray): run them last."""
+    items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray instance for every test that needs it (2 CPUs, like the machine)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,261 @@
+"""Chaos harness: train on a local multi-node Ray cluster, inject one fault, and measure what it cost.
+
+    python -m app chaos --preset tiny --scenario spot
+
+The harness starts a head (no CPUs) and one worker node per training worker as separate raylets on this machine,
+trains an undisturbed reference run, then the same run (elastic, `1:N` workers) while it injects the fault:
+
+  spot             `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` with a deadline, then the node is removed
+                   when the deadline passes; a fresh node joins later and the group grows back
+  kill-worker      SIGKILL of one training worker process
+  kill-node        a worker node removed without notice; a fresh node joins later
+  torn-checkpoint  the newest checkpoint loses a shard, then a worker is killed: the restart must skip it
+  resize           a node leaves (drained without a deadline), then joins again: world 2 → 1 → 2
+
+It writes chaos.json with recovery_s, lost_steps, duplicated_samples, skipped_samples,
+max_rel_loss_diff_vs_reference, goodput and world_sizes, and stops every process it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.config import TrainConfig
+from app.errors import ConfigError
+
+SCENARIOS = ("spot", "kill-worker", "kill-node", "torn-checkpoint", "resize")
+
+
+@dataclass
+class ChaosResult:
+    report: dict[str, Any]
+    path: Path
+    reference: Any = None  # the undisturbed TrainResult, reusable for further scenarios
+    disturbed: Any = None
+
+    def _repr_html_(self) -> str:
+        from app.console import html_table
+
+        return html_table(["metric", "value"], list(self.report.items()))
+
+
+class LocalCluster:
+    """A head without CPUs plus `n` worker nodes of `cpus` CPUs each, as separate raylets on this machine."""
+
+    def __init__(self, n: int, cpus: int) -> None:
+        from ray.cluster_utils import Cluster
+
+        self.cpus = cpus
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        self.workers = [self.cluster.add_node(num_cpus=cpus) for _ in range(n)]
+        self.cluster.wait_for_nodes()
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def node(self, node_id: str):
+        return next(n for n in self.workers if n.node_id == node_id)
+
+    def remove(self, node_id: str) -> None:
+        node = self.node(node_id)
+        self.workers.remove(node)
+        self.cluster.remove_node(node, allow_graceful=False)
+
+    def add(self) -> None:
+        self.workers.append(self.cluster.add_node(num_cpus=self.cpus))
+
+    def drain(self, node_id: str, reason: str, deadline_s: int | None) -> None:
+        """`ray drain-node` exactly as a spot reclaim (or a scale-down) issues it."""
+        cmd = [str(Path(sys.executable).parent / "ray"), "drain-node", "--address", self.address,
+               "--node-id", node_id, "--reason", reason, "--reason-message", "scalestack chaos harness"]
+        if deadline_s is not None:
+            cmd += ["--deadline-remaining-seconds", str(deadline_s)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True,
+                       env={**os.environ, "RAY_ADDRESS": self.address})
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+class _Follower:
+    """Reads the disturbed run's progress board (by name) while training goes on in another thread."""
+
+    def __init__(self, run_name: str) -> None:
+        self.run_name = run_name
+
+    def _board(self):
+        import ray
+
+        from pipelines.train import board_name
+
+        return ray.get_actor(board_name(self.run_name))
+
+    def wait_for_step(self, step: int, timeout: float = 600) -> None:
+        import ray
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                records, _, _ = ray.get(self._board().snapshot.remote(0))
+                if records and records[-1]["step"] >= step:
+                    return
+            except ValueError:  # board not created yet
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"training did not reach step {step} within {timeout:.0f} s")
+
+    def workers(self) -> list[dict]:
+        import ray
+
+        return ray.get(self._board().live_workers.remote())
+
+
+def _inject(scenario: str, cluster: LocalCluster, follower: _Follower, run_path: Path, at_step: int,
+            notice_s: int, rejoin_after_s: float | None) -> dict[str, float]:
+    """Do the damage; returns when it happened (notice and death, epoch seconds)."""
+    from app.checkpoint import latest_complete, storage_fs
+
+    follower.wait_for_step(at_step)
+    victim = max(follower.workers(), key=lambda w: w["rank"])  # the highest rank: not the reporting rank 0
+    times: dict[str, float] = {}
+    if scenario == "spot":
+        times["notice"] = time.time()
+        cluster.drain(victim["node_id"], "DRAIN_NODE_REASON_PREEMPTION", notice_s)
+        time.sleep(notice_s)
+        cluster.remove(victim["node_id"])  # the cloud reclaims the machine at the deadline
+        times["death"] = time.time()
+        if rejoin_after_s is not None:
+            time.sleep(rejoin_after_s)
+            cluster.add()  # spot capacity comes back
+    elif scenario == "kill-worker":
+        times["death"] = time.time()
+        os.kill(victim["pid"], signal.SIGKILL)
+    elif scenario == "kill-node":
+        cluster.remove(victim["node_id"])
+        times["death"] = time.time()
+        if rejoin_after_s is not None:
+            time.sleep(rejoin_after_s)
+            cluster.add()
+    elif scenario == "torn-checkpoint":
+        fs, path = storage_fs(str(run_path))
+        found = latest_complete(fs, path)
+        assert found is not None, "a checkpoint must exist before it can be damaged"
+        shard = sorted(Path(found.path, "state").glob("*optim_states.pt"))[-1]
+        shard.unlink()  # a lost shard: the marker still lists it
+        times["damaged_step"] = found.step
+        times["death"] = time.time()
+        os.kill(victim["pid"], signal.SIGKILL)
+    elif scenario == "resize":
+        cluster.drain(victim["node_id"], "DRAIN_NODE_REASON_IDLE_TERMINATION", None)
+        cluster.remove(victim["node_id"])
+        times["death"] = time.time()
+        time.sleep(rejoin_after_s or 4.0)
+        cluster.add()  # a resize always comes back: that is the scenario
+    return times
+
+
+def measure(reference, disturbed, times: dict[str, float], scenario: str) -> dict[str, Any]:
+    """The chaos report: what the fault cost against the undisturbed reference."""
+    import numpy as np
+
+    ref_ids = Counter(i for ids in reference.history["sample_ids"] for i in ids)
+    got_ids = Counter(i for ids in disturbed.history["sample_ids"] for i in ids)
+    ref_loss = reference.history.set_index("step")["loss"]
+    got_loss = disturbed.history.set_index("step")["loss"]
+    common = ref_loss.index.intersection(got_loss.index)
+    rel = (got_loss[common] - ref_loss[common]).abs() / ref_loss[common]
+    death = times.get("death", 0.0)
+    after = [r for r in disturbed.records if r["time"] > death and r["attempt"] > 1]
+    recovery_s = min(r["time"] - r["step_time_s"] for r in after) - death if after else None
+    report = {
+        "scenario": scenario,
+        "recovery_s": round(recovery_s, 2) if recovery_s is not None else None,
+        "lost_steps": disturbed.summary["lost_steps"],
+        "duplicated_samples": int(sum((got_ids - ref_ids).values())),
+        "skipped_samples": int(sum((ref_ids - got_ids).values())),
+        "max_rel_loss_diff_vs_reference": float(np.max(rel)) if len(rel) else None,
+        "goodput": disturbed.summary["goodput"],
+        "reference_goodput": reference.summary["goodput"],
+        "world_sizes": disturbed.summary["world_sizes"],
+        "restarts": disturbed.summary["restarts"],
+        "resumed_from_steps": [a["start_step"] for a in disturbed.attempts],
+        "steps": disturbed.summary["steps"],
+    }
+    if "notice" in times:
+        report["notice_s"] = round(times["death"] - times["notice"], 2)
+        jit = [r for r in disturbed.records if times["notice"] <= r["time"] <= times["death"]]
+        report["steps_during_notice"] = len(jit)
+    if "damaged_step" in times:
+        report["damaged_checkpoint_step"] = int(times["damaged_step"])
+    return report
+
+
+def run(cfg: TrainConfig, scenario: str, *, out: str | Path = "runs/chaos", inject_at_step: int | None = None,
+        notice_s: int = 8, rejoin_after_s: float | None = 4.0, reference=None) -> ChaosResult:
+    """Reference run, then the disturbed run with `scenario` injected; writes `out/<scenario>/chaos.json`.
+    `rejoin_after_s=None` keeps a lost node away, so the run finishes on what survived. Pass `reference` (a
+    TrainResult of the same config) to compare several scenarios against one undisturbed run."""
+    import ray
+
+    from app.config import parse_workers
+    from pipelines import train
+
+    if scenario not in SCENARIOS:
+        raise ConfigError(f"--scenario {scenario!r} is not one of {', '.join(SCENARIOS)}")
+    workers = parse_workers(cfg.parallel.workers)[1]
+    if workers < 2:
+        raise ConfigError("the chaos harness needs parallel.workers >= 2 so that a node can be lost; use --workers 2")
+    at_step = inject_at_step or max(2, cfg.steps // 3)
+    if not 0 < at_step < cfg.steps:
+        raise ConfigError(f"--inject-at-step {at_step} must lie inside the run's {cfg.steps} steps")
+    out = Path(out).resolve() / scenario
+    storage = out / "runs"
+    base = {"storage": str(storage), "data": cfg.data.model_copy(update={"dir": str(Path(cfg.data.dir).resolve())})}
+    reference_cfg = cfg.model_copy(update={**base, "name": "reference", "stop_at": None})
+    disturbed_cfg = cfg.model_copy(update={
+        **base, "name": "disturbed", "stop_at": None,
+        "parallel": cfg.parallel.model_copy(update={"workers": f"1:{workers}"}),
+        # Checkpoint often enough that a fault without notice loses a bounded number of steps.
+        "checkpoint": cfg.checkpoint.model_copy(update={"every_steps": cfg.checkpoint.every_steps or max(1, cfg.steps // 6)}),
+    })
+    for name in ("reference", "disturbed"):
+        shutil.rmtree(storage / name, ignore_errors=True)
+
+    cluster = LocalCluster(workers, cfg.parallel.cpus_per_worker)
+    try:
+        ray.init(address=cluster.address, log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
+        reference = reference or train.run(reference_cfg)
+        outcome: dict[str, Any] = {}
+
+        def disturbed_run() -> None:
+            try:
+                outcome["result"] = train.run(disturbed_cfg)
+            except BaseException as err:
+                outcome["error"] = err
+
+        thread = threading.Thread(target=disturbed_run, daemon=True)
+        thread.start()
+        times = _inject(scenario, cluster, _Follower("disturbed"), storage / "disturbed", at_step, notice_s,
+                        rejoin_after_s)
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        report = measure(reference, outcome["result"], times, scenario)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "chaos.json").write_text(json.dumps(report, indent=2))
+    return ChaosResult(report, out / "chaos.json", reference, outcome["result"])
