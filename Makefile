@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@# DeepSpeed JIT-compiles its shared-memory CPU comm op on first use (~1 min, cached in ~/.cache/torch_extensions):
+	@# do it here, once, rather than inside the first training run.
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -24,8 +27,9 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m app prepare-data --preset demo --source stdlib --source pydoc
+	$(PY) -m app prepare-data --preset demo
 	$(PY) -m app info --preset demo
+	$(PY) -m app train --preset demo --workers 2 --zero 2 --run-name demo-$$(date +%Y%m%d-%H%M%S)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -118,9 +118,13 @@ def consolidated_state_dict(local_dir: str | Path, zero_stage: int, pipeline_sta
     if zero_stage == 0:
         module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         return {k: v.float() for k, v in module.items()}
+    import contextlib
+    import io
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(local_dir), tag=TAG)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # per-shard chatter
+        state = get_fp32_state_dict_from_zero_checkpoint(str(local_dir), tag=TAG)
     return {k: v.float() for k, v in state.items()}
 
 
