@@ -39,25 +39,27 @@ def ray_head(tmp_path_factory):
     )
     address = f"http://127.0.0.1:{dash_port}"
     client_env = {**env, "RAY_AUTH_MODE": "token"}  # the client sends the token `ray start` keeps in ~/.ray
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        # Ready means a job actually runs: the job server answers before the node's agent can take jobs.
-        probe = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", address, "--", "python", "-c",
-                                "pass"], env=client_env, capture_output=True, text=True)
-        if probe.returncode == 0:
-            break
-        assert head.poll() is None, "ray start exited early; see head.log"
-        time.sleep(2)
-    else:
-        pytest.fail("the Ray head could not run a job within 120 s")
-    yield address, client_env, bin_dir
-    head.send_signal(signal.SIGTERM)  # ray start drains, then stops its own processes
     try:
-        head.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)  # the group we started, by its PID
-        head.wait()
-    log.close()
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            # Ready means a job actually runs: the job server answers before the node's agent can take jobs.
+            probe = subprocess.run([str(bin_dir / "ray"), "job", "submit", "--address", address, "--", "python",
+                                    "-c", "pass"], env=client_env, capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            assert head.poll() is None, "ray start exited early; see head.log"
+            time.sleep(2)
+        else:
+            pytest.fail("the Ray head could not run a job within 120 s")
+        yield address, client_env, bin_dir
+    finally:  # also when start-up failed: never leave a head behind
+        head.send_signal(signal.SIGTERM)  # ray start drains, then stops its own processes
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)  # the group we started, by its PID
+            head.wait()
+        log.close()
 
 
 @pytest.mark.slow
