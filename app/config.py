@@ -44,11 +44,13 @@ def _yaml(text: str) -> Any:
 BASE_PRESET = "base"
 
 
-class _Section(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config: unknown keys are errors, values are immutable once validated."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelConfig(_Section):
+class ModelConfig(StrictModel):
     """Shape of the GPT (see app/model.py)."""
 
     vocab_size: int = Field(gt=0, description="Token vocabulary size; the tokenizer is trained to this size.")
@@ -70,7 +72,7 @@ class ModelConfig(_Section):
         return self
 
 
-class DataConfig(_Section):
+class DataConfig(StrictModel):
     """Where token shards come from and how they are cut into training samples."""
 
     sources: list[str] = Field(
@@ -86,7 +88,7 @@ class DataConfig(_Section):
     seed: int = Field(description="Seed for the train/validation split and the sample order.")
 
 
-class OptimConfig(_Section):
+class OptimConfig(StrictModel):
     """AdamW with linear warmup then cosine decay to min_lr_ratio × lr."""
 
     lr: float = Field(gt=0.0, description="Peak learning rate.")
@@ -99,7 +101,7 @@ class OptimConfig(_Section):
     grad_clip: float = Field(ge=0.0, description="Clip the global gradient norm to this value (0 = off).")
 
 
-class ParallelConfig(_Section):
+class ParallelConfig(StrictModel):
     """How the global batch is split over workers, micro-batches and pipeline stages."""
 
     workers: str = Field(
@@ -133,7 +135,7 @@ class ParallelConfig(_Section):
         return self
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(StrictModel):
     """When full-state checkpoints are written and how many are kept."""
 
     every_steps: int = Field(ge=0, description="Save every N optimizer steps (0 = only at the end).")
@@ -141,7 +143,7 @@ class CheckpointConfig(_Section):
     keep: int = Field(ge=1, description="Number of most recent complete checkpoints kept on storage.")
 
 
-class ElasticConfig(_Section):
+class ElasticConfig(StrictModel):
     """Preemption handling and how fast a worker group recovers (Ray's defaults wait about a minute)."""
 
     preemption_check_every: int = Field(
@@ -156,7 +158,7 @@ class ElasticConfig(_Section):
     preemption_poll_interval_s: float = Field(gt=0, description="Seconds between Ray's polls for drain notices.")
 
 
-class TrainConfig(_Section):
+class TrainConfig(StrictModel):
     """Everything one training run needs; handed to workers as a plain dict."""
 
     name: str = Field(min_length=1, description="Run name; re-running with the same name resumes.")

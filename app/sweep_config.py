@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from app.config import _ALIASES, TrainConfig, _yaml, load_config
+from app.config import _ALIASES, StrictModel, TrainConfig, _yaml, load_config
 from app.errors import ConfigError
 
 FLOPS_PER_PARAM_TOKEN = 6.0  # C = 6 N D (app/scaling.py uses the same convention)
@@ -47,11 +47,7 @@ _PER_TRIAL_KEYS = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Shape(_Strict):
+class Shape(StrictModel):
     """One model shape of the grid."""
 
     n_layer: int = Field(gt=0, description="Transformer blocks.")
@@ -70,7 +66,7 @@ class Shape(_Strict):
         return f"L{self.n_layer}-d{self.d_model}-h{self.n_head}"
 
 
-class Grid(_Strict):
+class Grid(StrictModel):
     """What varies between trials: every shape × every budget × every seed is one trial.
 
     Give exactly one budget list: ``tokens`` (D per trial), ``tokens_per_param`` (D = k × N, N = non-embedding
@@ -122,7 +118,7 @@ class Grid(_Strict):
         return list(getattr(self, self.budget_kind))
 
 
-class LrRule(_Strict):
+class LrRule(StrictModel):
     """Peak learning rate per model size.
 
     ``preset``: the preset's optim.lr for every size. ``power``: lr = base × (d_ref / d_model)^power (μP-style
@@ -158,7 +154,7 @@ class LrRule(_Strict):
         return float(preset_lr)
 
 
-class Resources(_Strict):
+class Resources(StrictModel):
     """Resources of one trial: a Tune trial runs a driver that starts one Ray Train TorchTrainer."""
 
     workers: int = Field(default=1, ge=1, description="Train workers per trial (parallel.workers).")
@@ -171,7 +167,7 @@ class Resources(_Strict):
     )
 
 
-class SweepConfig(_Strict):
+class SweepConfig(StrictModel):
     """A sweep: base preset + shared overrides, a grid, an lr rule, resources and concurrency."""
 
     name: str = Field(min_length=1, description="Sweep name; the default output folder is runs/sweeps/NAME.")
