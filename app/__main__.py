@@ -126,6 +126,14 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, help="CPUs for embedded Ray (default: all)")
 
 
+def _short(path) -> str:
+    """A path relative to the working directory when it lies inside it (shorter lines in the summary)."""
+    import os
+
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from app import sdk
     from app.console import print_table
@@ -136,16 +144,20 @@ def _sweep(args: argparse.Namespace) -> int:
         print("interrupted: run the same command again to resume (finished trials are kept)", file=sys.stderr)
         raise
     verb = "resumed and finished" if result.resumed else "finished"
-    print_table(f"sweep {result.sweep_dir.name}: {verb} in {result.wall_s:.0f} s",
-                ["trial", "N (non-emb.)", "D (tokens)", "C = 6ND", "val loss", "wall s", "status"], result.rows())
-    print(f"results {result.results_parquet} (+ .csv); trial runs in {result.sweep_dir / 'trials'}")
     failed = result.failed
+    columns = ["trial", "N", "D", "C = 6ND", "val loss", "wall s", "status"]
+    rows = [(t, n, d, c, f"{loss:.4f}" if loss != "" else "", f"{wall:.0f}" if wall != "" else "", status)
+            for t, n, d, c, loss, wall, status in result.rows()]
+    if not len(failed):  # all ok: leave the column out so the table fits 80 columns
+        columns, rows = columns[:-1], [r[:-1] for r in rows]
+    print_table(f"sweep {result.name}: {verb} in {result.wall_s:.0f} s", columns, rows)
+    print(f"results {_short(result.results_parquet)} (+ .csv); trial runs in {_short(result.sweep_dir / 'trials')}")
     if len(failed):
         first = failed.iloc[0]
         print(f"error: {len(failed)} of {len(result.df)} trials did not finish (first: {first['trial']}: "
               f"{first['error'] or first['status']}); run the same command again to retry them", file=sys.stderr)
         return 1
-    print(f"next: python -m app fit {result.results_parquet}")
+    print(f"next: python -m app fit {_short(result.results_parquet)}")
     return 0
 
 
@@ -176,7 +188,6 @@ def _interval(lo: float, hi: float) -> str:
 
 def _fit(args: argparse.Namespace) -> int:
     import math
-    from pathlib import Path
 
     from app import sdk
     from app.console import print_table
@@ -197,8 +208,10 @@ def _fit(args: argparse.Namespace) -> int:
     exps = law.frontier_exponents()
     for name, label in (("a", "a (N_opt ∝ C^a)"), ("b", "b (D_opt ∝ C^b)")):
         rows.append((label, exps[name], _interval(*exps.get(f"{name}_ci", (math.nan, math.nan))), ""))
-    print_table(f"L(N, D) = E + A/N^alpha + B/D^beta: {law.n_points} runs of {Path(report.runs.source).name}",
-                ["parameter", "estimate", f"{level} interval", "bootstrap se"], rows)
+    source = report.runs.source
+    print(f"fitted {law.n_points} runs of {_short(source) if source != 'DataFrame' else 'a DataFrame'}")
+    print_table("L(N, D) = E + A/N^alpha + B/D^beta", ["parameter", "estimate", f"{level} interval", "bootstrap se"],
+                rows)
     other = []
     for name, f in (("Kaplan L(N)", report.kaplan_n), ("Kaplan L(C)", report.kaplan_c)):
         if f is not None:
@@ -208,8 +221,10 @@ def _fit(args: argparse.Namespace) -> int:
         iso = report.isoflop
         other.append(("approach 2 (IsoFLOP)", f"N_opt ∝ C^{iso.a:.3f}, D_opt ∝ C^{iso.b:.3f}",
                       sum(b.n_points for b in iso.budgets)))
-    for form, why in report.notes.items():
-        other.append((form, f"not fitted: {why.split(';')[0]}", ""))
+    labels = {"kaplan_n": "Kaplan L(N)", "kaplan_c": "Kaplan L(C)", "isoflop": "approach 2 (IsoFLOP)"}
+    for form, why in report.notes.items():  # the reason without its preamble and per-budget details
+        short = why.split(";")[0].split(" (C=")[0].replace("approach 2 (IsoFLOP parabolas) ", "")
+        other.append((labels.get(form, form), f"not fitted: {short}", ""))
     print_table("other forms", ["form", "fit", "runs"], other)
     if report.predictions:
         preds = []
@@ -219,7 +234,7 @@ def _fit(args: argparse.Namespace) -> int:
         print_table("predictions", ["N", "D", "loss", f"{level} interval"], preds)
     for note in report.runs.dropped:
         print(f"left out: {note}")
-    print(f"wrote {', '.join(str(p) for p in report.files)}")
+    print(f"wrote {', '.join(_short(p) for p in report.files)}")
     return 0
 
 
@@ -261,8 +276,9 @@ def _plan(args: argparse.Namespace) -> int:
             ("D_opt (tokens)", plan.n_tokens), ("tokens per parameter", plan.n_tokens / plan.n_params),
             ("predicted loss", f"{plan.loss:.4g} {_interval(plan.loss_lo, plan.loss_hi)}".strip()),
             ("tokens/s per worker", f"{plan.tokens_per_second_per_worker:,.0f}")]
-    budget = f" = ${args.usd:,.2f} of {plan.purchase.replace('_', '-')}" if args.usd else ""
-    print_table(f"plan: {plan.compute_flops:.3g} FLOPs{budget}", ["field", "value"], rows)
+    if args.usd:
+        rows.insert(0, ("budget", f"${args.usd:,.2f} of {plan.purchase.replace('_', '-')}"))
+    print_table("compute-optimal run", ["field", "value"], rows)
     cost_rows = [(est.purchase.replace("_", "-") + (" *" if est.purchase == plan.purchase else ""),
                   est.usd_per_instance_hour, est.failures_per_hour, f"{est.checkpoint_interval_s / 60:,.1f} min",
                   est.goodput, f"{est.wall_hours:,.1f}", f"{est.cost_usd:,.0f}")

@@ -47,6 +47,7 @@ COLUMNS = ["trial", "status", "n_layer", "d_model", "n_head", "seed", "lr", "ste
 class SweepResult:
     """A finished (or interrupted) sweep: one DataFrame row per trial and where everything is on disk."""
 
+    name: str
     sweep_dir: Path
     df: Any  # pandas.DataFrame with COLUMNS; status is ok, error or pending
     results_parquet: Path
@@ -63,8 +64,9 @@ class SweepResult:
         return self.df[self.df["status"] != "ok"]
 
     def rows(self) -> list[tuple]:
+        """(trial, N, D, C, val loss, wall seconds, status) per trial, for a summary table."""
         cols = ["trial", "n_params", "tokens", "compute", "val_loss", "wall_s", "status"]
-        return [tuple(None if _isnan(v) else v for v in r) for r in self.df[cols].itertuples(index=False)]
+        return [tuple("" if _isnan(v) else v for v in r) for r in self.df[cols].itertuples(index=False)]
 
     def _repr_html_(self) -> str:
         return self.df.to_html(index=False)
@@ -270,7 +272,8 @@ def run(sweep: SweepConfig | str | Path, out: str | Path | None = None, *, overr
     results_parquet, results_csv = sweep_dir / "results.parquet", sweep_dir / "results.csv"
     df.to_parquet(results_parquet, index=False)
     df.to_csv(results_csv, index=False)
-    return SweepResult(sweep_dir, df, results_parquet, results_csv, time.perf_counter() - t_start, resumed)
+    return SweepResult(sweep.name, sweep_dir, df, results_parquet, results_csv, time.perf_counter() - t_start,
+                       resumed)
 
 
 def main(argv=None) -> int:
