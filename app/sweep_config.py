@@ -256,7 +256,9 @@ def _unknown_key(loc: tuple) -> str:
 
 
 def format_sweep_error(err: ValidationError) -> str:
-    first = err.errors()[0]
+    errors = err.errors()
+    # A misspelt key also makes the right one "missing": name the misspelling, it carries the fix.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(first["loc"])
     dotted = _dotted(loc)
     if first["type"] == "extra_forbidden":

@@ -103,6 +103,8 @@ def test_shipped_sweeps_validate():
         (lambda t: t.update(max_concurent=3), "unknown sweep key 'max_concurent'; did you mean 'max_concurrent'?"),
         (lambda t: t["grid"]["shapes"][0].update(d_modle=32),
          "unknown sweep key 'grid.shapes[0].d_modle'; did you mean 'grid.shapes[0].d_model'?"),
+        (lambda t: t["grid"]["shapes"][0].update(d_modle=t["grid"]["shapes"][0].pop("d_model")),  # not "missing"
+         "unknown sweep key 'grid.shapes[0].d_modle'; did you mean 'grid.shapes[0].d_model'?"),
         (lambda t: t["grid"]["shapes"][0].update(num_layers=2),
          "did you mean 'grid.shapes[0].n_layer'?"),
         (lambda t: t["grid"].update(shapes=[]), "sweep key 'grid.shapes' is empty; list at least one model shape"),
