@@ -214,3 +214,15 @@ def default_out(results: Any) -> Path | None:
     path = Path(results)
     folder = path if path.is_dir() else path.parent
     return folder / "fit" if (folder / "sweep.json").is_file() else Path("runs/fits") / path.stem
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from app.__main__ import main as app_main
+
+    return app_main(["fit", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
