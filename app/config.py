@@ -86,6 +86,11 @@ class DataConfig(StrictModel):
     )
     shard_tokens: int = Field(gt=0, description="Target number of tokens per Parquet shard.")
     seed: int = Field(description="Seed for the train/validation split and the sample order.")
+    domains: list[str] | None = Field(
+        default=None,
+        description="Train and validate on these domains of the manifest only (e.g. [code] for a specialist); "
+        "None = all.",
+    )
 
 
 class OptimConfig(StrictModel):
@@ -143,6 +148,16 @@ class CheckpointConfig(StrictModel):
     keep: int = Field(ge=1, description="Number of most recent complete checkpoints kept on storage.")
 
 
+class DistillConfig(StrictModel):
+    """Knowledge distillation: a frozen teacher's logits teach the student (app/distill.py)."""
+
+    teacher: str | None = Field(
+        default=None, description="Teacher model: a registry name or artifact folder; None = plain training."
+    )
+    alpha: float = Field(ge=0.0, le=1.0, description="Weight of the KL term: (1 - alpha)·CE + alpha·T²·KL.")
+    temperature: float = Field(gt=0.0, description="Softmax temperature T applied to both teacher and student.")
+
+
 class ElasticConfig(StrictModel):
     """Preemption handling and how fast a worker group recovers (Ray's defaults wait about a minute)."""
 
@@ -178,6 +193,7 @@ class TrainConfig(StrictModel):
     parallel: ParallelConfig
     checkpoint: CheckpointConfig
     elastic: ElasticConfig
+    distill: DistillConfig
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "TrainConfig":
@@ -186,12 +202,21 @@ class TrainConfig(StrictModel):
                 f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}; "
                 "lower optim.warmup_steps or raise steps"
             )
+        if self.distill.teacher and self.parallel.pipeline_stages > 1:
+            raise ValueError(
+                "distillation runs without pipeline stages (the teacher needs the whole input at the last stage); "
+                "set parallel.pipeline_stages=1 (ZeRO 0-3 and offload work)"
+            )
         return self
 
     def config_hash(self) -> str:
         """Hash of the settings that define the optimisation trajectory (not names, paths or schedule of saves)."""
         fields = self.model_dump(include={"seed", "steps", "model", "optim", "data"})
         fields["data"] = {k: fields["data"][k] for k in ("seed",)}
+        if self.data.domains:  # only when set, so hashes of runs on every domain stay what they were
+            fields["data"]["domains"] = sorted(self.data.domains)
+        if self.distill.teacher:
+            fields["distill"] = self.distill.model_dump()
         fields["global_batch"] = self.parallel.global_batch
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 

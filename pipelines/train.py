@@ -82,9 +82,11 @@ def _progress_board_cls():
             latest = max((w["attempt"] for w in self.workers), default=0)
             return [w for w in self.workers if w["attempt"] == latest]
 
-        def attempt(self, world_size: int, start_step: int, from_dp: int | None, conversion_s: float) -> None:
+        def attempt(self, world_size: int, start_step: int, from_dp: int | None, conversion_s: float,
+                    train_tokens: int) -> None:
             self.attempts.append({"world_size": world_size, "start_step": start_step, "from_dp": from_dp,
-                                  "universal_conversion_s": conversion_s, "time": time.time()})
+                                  "universal_conversion_s": conversion_s, "train_tokens": train_tokens,
+                                  "time": time.time()})
 
         def log(self, record: dict, ledger: dict[str, float]) -> None:
             self.records.append({**record, "attempt": len(self.attempts)})
@@ -199,17 +201,39 @@ def _val_batches(val_stream, cfg: TrainConfig, device):
     return out
 
 
-def _evaluate(engine, batches, pipelined: bool) -> float:
+def _evaluate(engine, batches, pipelined: bool, teacher=None, temperature: float = 1.0) -> tuple[float, float | None]:
+    """Validation cross-entropy, and (when distilling) the student's KL to the teacher at temperature T."""
     import torch
 
+    from app.distill import kd_loss
+
     engine.eval()
+    kl = None
     with torch.no_grad():
         if pipelined:
             loss = float(engine.eval_batch(iter(batches), num_micro_batches=len(batches)))
         else:
-            loss = sum(float(engine(x, y)[1]) for x, y in batches) / len(batches)
+            losses, kls = [], []
+            for x, y in batches:
+                logits, micro_loss = engine(x, y)
+                losses.append(float(micro_loss))
+                if teacher is not None:
+                    kls.append(float(kd_loss(logits, teacher(x)[0], y, 1.0, temperature)[2]))
+            loss = sum(losses) / len(losses)
+            kl = sum(kls) / len(kls) if kls else None
     engine.train()
-    return loss
+    return loss, kl
+
+
+def _load_teacher(path: str | None, device):
+    """The frozen teacher of a distillation run (None for plain training): eval mode, no gradients."""
+    if not path:
+        return None
+    from app.registry import load_artifact
+
+    teacher = load_artifact(path).model.to(device)
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -220,6 +244,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from app.data import GlobalOrder, load_tokens
+    from app.distill import kd_loss
     from app.metrics import matmul_peak_flops, mfu, straggler_ratio
     from app.parallel import resolve_precision
 
@@ -235,10 +260,12 @@ def train_loop_per_worker(config: dict) -> None:
     plan = batch_plan(cfg.parallel.global_batch, cfg.parallel.micro_batch, world, cfg.parallel.pipeline_stages)
     pipelined = cfg.parallel.pipeline_stages > 1
 
-    stream = load_tokens(data_dir, "train")
+    stream = load_tokens(data_dir, "train", domains=cfg.data.domains)
     order = GlobalOrder.for_stream(cfg.data.seed, len(stream), cfg.model.seq_len)
     batches = _Batches(stream, order, plan, cfg.model.seq_len, device)
-    val = _val_batches(load_tokens(data_dir, "val"), cfg, device)
+    val = _val_batches(load_tokens(data_dir, "val", domains=cfg.data.domains), cfg, device)
+    teacher = _load_teacher(config.get("teacher"), device)
+    alpha, temperature = cfg.distill.alpha, cfg.distill.temperature
     flops_per_token = config["flops_per_token"]
     peak = cfg.parallel.peak_flops_per_worker or matmul_peak_flops(
         "cuda" if device.type == "cuda" else "cpu",
@@ -273,7 +300,7 @@ def train_loop_per_worker(config: dict) -> None:
         start_step = found.state["step"]
         restore_s = time.perf_counter() - t0
     if rank == 0:
-        board.attempt.remote(world, start_step, found.state["dp"] if found else None, conversion_s)
+        board.attempt.remote(world, start_step, found.state["dp"] if found else None, conversion_s, len(stream))
     board.worker.remote(rank, os.getpid(), ray.get_runtime_context().get_node_id())
 
     ledger = {"startup": time.perf_counter() - t_begin - restore_s, "restore": restore_s}
@@ -287,13 +314,19 @@ def train_loop_per_worker(config: dict) -> None:
         if pipelined:
             loss = float(engine.train_batch(iter(list(batches.micro_batches(step, dp_rank)))))
         else:
-            losses = []
+            losses, kls = [], []
             for x, y in batches.micro_batches(step, dp_rank):
-                _, micro_loss = engine(x, y)
+                logits, micro_loss = engine(x, y)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits, _ = teacher(x)
+                    micro_loss, _, micro_kl = kd_loss(logits, teacher_logits, y, alpha, temperature)
+                    kls.append(micro_kl.detach())
                 engine.backward(micro_loss)
                 engine.step()
                 losses.append(micro_loss.detach())
             loss = float(torch.stack(losses).mean())
+            train_kl = float(torch.stack(kls).mean()) if kls else 0.0
         if device.type == "cuda":
             torch.cuda.synchronize()
         step_time = time.perf_counter() - t0
@@ -308,7 +341,8 @@ def train_loop_per_worker(config: dict) -> None:
         time_says_save = float(bool(every_min) and time.monotonic() - last_save >= every_min * 60)
         wind_down = float(notice is not None and _must_wind_down(notice, step_time, last_save_s))
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-        mine = torch.tensor([loss, step_time, time_says_save, rss_mb, wind_down], dtype=torch.float64)
+        kl_now = train_kl if not pipelined else 0.0
+        mine = torch.tensor([loss, step_time, time_says_save, rss_mb, wind_down, kl_now], dtype=torch.float64)
         gathered = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)
         table = torch.stack(gathered)
@@ -318,7 +352,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         last = done == end
         evaluated = last or bool(cfg.eval_every and done % cfg.eval_every == 0)
-        val_loss = _evaluate(engine, val, pipelined) if evaluated else None
+        val_loss, val_kl = _evaluate(engine, val, pipelined, teacher, temperature) if evaluated else (None, None)
         save = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or bool(table[0, 2])
         winding_down = bool(table[0, 4])
         if notice is not None:
@@ -333,6 +367,7 @@ def train_loop_per_worker(config: dict) -> None:
             "straggler_ratio": straggler_ratio(times), "val_loss": val_loss,
             "max_rss_mb": float(table[:, 3].max()),
             "sample_ids": sample_ids,
+            **({"kl": float(table[:, 5].mean()), "val_kl": val_kl} if teacher is not None else {}),
             "world_size": world, "time": time.time(),
         }
         ledger["productive"] = ledger.get("productive", 0.0) + step_time
@@ -496,10 +531,29 @@ def _ensure_data(cfg: TrainConfig, data_dir: Path, num_cpus: int | None) -> None
             f"data in {data_dir} uses a {manifest.vocab_size}-token vocabulary but model.vocab_size="
             f"{cfg.model.vocab_size}; set model.vocab_size >= {manifest.vocab_size} or prepare the data again"
         )
+    domains = cfg.data.domains
+    unknown = sorted(set(domains or ()) - set(manifest.domains))
+    if unknown:
+        raise DataError(f"data.domains has {unknown}, which {data_dir} does not hold; choose from {manifest.domains}")
     need = cfg.model.seq_len * cfg.parallel.global_batch + 1
-    if manifest.tokens("train") < need:
-        raise DataError(f"{data_dir} has {manifest.tokens('train')} training tokens, fewer than one global batch "
-                        f"({need}); prepare more data or lower parallel.global_batch")
+    have = sum(manifest.tokens("train", d) for d in domains) if domains else manifest.tokens("train")
+    if have < need:
+        raise DataError(f"{data_dir} has {have} training tokens{' in ' + '+'.join(domains) if domains else ''}, "
+                        f"fewer than one global batch ({need}); prepare more data or lower parallel.global_batch")
+    if domains and not all(manifest.tokens("val", d) for d in domains):
+        raise DataError(f"{data_dir} has no validation tokens for one of data.domains={domains}; prepare the data "
+                        "with a larger data.val_fraction")
+
+
+def _resolve_teacher(cfg: TrainConfig, data_dir: Path) -> tuple[str | None, dict | None]:
+    """The teacher's artifact location (absolute, so every worker finds it) and card; checks it can teach."""
+    if not cfg.distill.teacher:
+        return None, None
+    from app.distill import check_teacher, resolve_teacher
+
+    location, card = resolve_teacher(cfg.distill.teacher)
+    check_teacher(card, cfg.model, read_manifest(data_dir).tokenizer_sha256, cfg.distill.teacher)
+    return location, card
 
 
 def _use_gpu(cfg: TrainConfig) -> bool:
@@ -539,6 +593,7 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True)
 
     with ray_session(num_cpus or max(hi * cfg.parallel.cpus_per_worker, 1)):
         _ensure_data(cfg, data_dir, num_cpus)
+        teacher, teacher_card = _resolve_teacher(cfg, data_dir)
         use_gpu = _use_gpu(cfg)
         import torch
 
@@ -557,7 +612,8 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True)
             train_loop_per_worker,
             accepted_sizes=accepted,
             train_loop_config={"cfg": cfg.model_dump(), "board": board, "data_dir": str(data_dir),
-                               "config_hash": cfg.config_hash(), "flops_per_token": flops_per_token},
+                               "config_hash": cfg.config_hash(), "flops_per_token": flops_per_token,
+                               "teacher": teacher},
             scaling_config=ScalingConfig(num_workers=hi if lo == hi else (lo, hi), use_gpu=use_gpu,
                                          resources_per_worker=resources,
                                          elastic_resize_monitor_interval_s=cfg.elastic.resize_monitor_interval_s),
@@ -596,7 +652,7 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True)
     ledger = GoodputLedger({**GoodputLedger().seconds, **ledger_s})
     ledger.seconds["productive"] -= lost_s  # steps computed twice count once
     ledger.add("lost", lost_s)
-    artifact = _export(fs, run_path, cfg, data_dir, history)
+    artifact = _export(fs, run_path, cfg, data_dir, history, teacher_card)
     summary = _summary(cfg, history, attempts, ledger, wall_s, flops_per_token, lost_steps)
     _write_run_files(fs, run_path, summary, history)
     return TrainResult(run_dir=f"{storage}/{cfg.name}" if "://" in storage else run_path, summary=summary,
@@ -627,6 +683,7 @@ def _summary(cfg: TrainConfig, history, attempts: list[dict], ledger: GoodputLed
         "run": cfg.name,
         "final_loss": float(history["loss"].iloc[-1]),
         "final_val_loss": float(val.iloc[-1]) if len(val) else None,
+        **_distill_summary(cfg, history),
         "first_loss": float(history["loss"].iloc[0]),
         "steps": int(history["step"].iloc[-1]),
         "tokens": tokens,
@@ -648,7 +705,18 @@ def _summary(cfg: TrainConfig, history, attempts: list[dict], ledger: GoodputLed
     }
 
 
-def _export(fs, run_path: str, cfg: TrainConfig, data_dir: Path, history) -> str | None:
+def _distill_summary(cfg: TrainConfig, history) -> dict[str, Any]:
+    """A distillation run's summary also says who taught it and how close the student got (KL on validation)."""
+    if not cfg.distill.teacher:
+        return {}
+    val_kl = history["val_kl"].dropna() if "val_kl" in history else []
+    return {"teacher": cfg.distill.teacher, "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature,
+            "first_val_kl": float(val_kl.iloc[0]) if len(val_kl) else None,
+            "final_val_kl": float(val_kl.iloc[-1]) if len(val_kl) else None, "domains": cfg.data.domains}
+
+
+def _export(fs, run_path: str, cfg: TrainConfig, data_dir: Path, history, teacher_card: dict | None = None
+            ) -> str | None:
     """Consolidate the final checkpoint into fp32 weights and write a registry artifact next to it."""
     import pyarrow.fs as pafs
     import ray.train
@@ -660,9 +728,15 @@ def _export(fs, run_path: str, cfg: TrainConfig, data_dir: Path, history) -> str
     if found is None:
         return None
     val = history["val_loss"].dropna() if "val_loss" in history else []
+    lineage = {"teacher": None, "source_run": cfg.name, "config_hash": cfg.config_hash()}
+    if teacher_card is not None:
+        from app.distill import teacher_lineage
+
+        lineage.update(teacher_lineage(teacher_card, cfg.distill.teacher),
+                       alpha=cfg.distill.alpha, temperature=cfg.distill.temperature)
     card = {"source_run": cfg.name, "config_hash": cfg.config_hash(), "step": found.step,
             "val_loss": float(val.iloc[-1]) if len(val) else None, "data": str(data_dir),
-            "quantization": None, "lineage": {"teacher": None, "source_run": cfg.name}}
+            "domains": cfg.data.domains, "quantization": None, "lineage": lineage}
     with ray.train.Checkpoint(found.path, fs).as_directory() as local:
         state = consolidated_state_dict(local, found.state["zero_stage"], found.state["pipeline_stages"],
                                         cfg.model.n_layer)

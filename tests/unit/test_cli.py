@@ -19,7 +19,7 @@ def test_help_lists_every_command():
         (["info", "--preset", "bnch"], 1, "error: unknown preset 'bnch'; did you mean 'bench'?"),
         (["info", "--set", "model.n_layr=3"], 1, "did you mean 'model.n_layer'?"),
         (["info", "--set", "lr"], 1, "override 'lr' is not KEY=VALUE"),
-        (["prepare-data", "--source", "/no/such/dir", "--out", "/tmp/x"], 1, "no such file or folder"),
+        (["prepare-data", "--source", "/no/such/dir", "--out", "/no/such/out"], 1, "no such file or folder"),
         (["prepare-data", "--preset", "tiny", "--set", "data.val_fraction=2"], 1, "data.val_fraction"),
         (["info", "--bogus"], 2, "unrecognized arguments: --bogus"),
         (["nope"], 2, "invalid choice: 'nope'"),

@@ -1,0 +1,93 @@
+"""Distillation on embedded Ray: a tiny teacher teaches a smaller student, and a one-domain specialist.
+
+Two corpora (stdlib = "code", pydoc = "docs") so that a specialist has something to leave out.
+"""
+
+import json
+
+import pytest
+
+from app import sdk
+from app.config import load_config
+from app.data import read_manifest
+from app.errors import ConfigError, DataError
+from app.model import GPT
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory, ray_local):
+    from pipelines import prepare_data
+
+    out = tmp_path_factory.mktemp("data") / "mixed"
+    prepare_data.run(["stdlib", "pydoc"], out, vocab_size=512, max_documents=120, shard_tokens=200_000,
+                     val_fraction=0.1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+def _common(data, storage):
+    return [f"data.dir={data}", f"storage={storage}", "parallel.workers=1", "parallel.zero_stage=0"]
+
+
+@pytest.fixture(scope="module")
+def teacher(mixed_data, storage):
+    return sdk.train("tiny", [*_common(mixed_data, storage), "name=teacher", "steps=40", "eval_every=0",
+                              "checkpoint.every_steps=0"])
+
+
+STUDENT = ["model.n_layer=1", "model.d_model=32", "model.n_head=2"]  # ~40% of the tiny teacher's block params
+
+
+@pytest.fixture(scope="module")
+def specialist(teacher, mixed_data, storage):
+    return sdk.distill(teacher.artifact, "tiny", [f"data.dir={mixed_data}", f"storage={storage}", *STUDENT,
+                                                  "steps=24", "eval_every=4", "checkpoint.every_steps=12",
+                                                  "parallel.workers=2", "parallel.zero_stage=2"],
+                       domains=["code"], alpha=0.9, temperature=2.0)
+
+
+@pytest.mark.slow
+def test_distillation_lowers_the_students_kl_to_the_teacher(specialist):
+    s = specialist.summary
+    assert s["teacher"].endswith("artifact") and s["alpha"] == 0.9 and s["domains"] == ["code"]
+    assert s["world_sizes"] == [2] and s["steps"] == 24
+    kl = specialist.history["val_kl"].dropna().to_numpy()
+    assert len(kl) == 6 and kl[-1] < 0.8 * kl[0], kl  # measured at steps 4, 8, ..., 24
+    assert specialist.summary["final_val_kl"] == pytest.approx(kl[-1])
+
+
+@pytest.mark.slow
+def test_specialist_reads_only_its_domain(specialist, mixed_data):
+    manifest = read_manifest(mixed_data)
+    code, everything = manifest.tokens("train", "code"), manifest.tokens("train")
+    assert 0 < code < everything
+    assert [a["train_tokens"] for a in specialist.attempts] == [code]
+    assert specialist.run_dir.endswith("tiny-code-specialist")
+
+
+@pytest.mark.slow
+def test_distilled_artifact_records_its_lineage(specialist, teacher):
+    card = json.loads((specialist.artifact and open(f"{specialist.artifact}/model_card.json").read()))
+    assert card["lineage"]["teacher"] == teacher.artifact
+    assert card["lineage"]["teacher_source_run"] == "teacher"
+    assert card["lineage"]["alpha"] == 0.9 and card["domains"] == ["code"]
+    student_params = GPT(load_config("tiny", STUDENT).model).num_params(non_embedding=True)
+    teacher_params = GPT(load_config("tiny").model).num_params(non_embedding=True)
+    assert student_params < 0.25 * teacher_params
+
+
+@pytest.mark.slow
+def test_bad_distillation_inputs_fail_in_one_line(teacher, mixed_data, storage):
+    base = [f"data.dir={mixed_data}", f"storage={storage}", "name=bad"]
+    with pytest.raises(ConfigError, match="longer than the teacher's context"):
+        sdk.distill(teacher.artifact, "tiny", [*base, "model.seq_len=128"])
+    with pytest.raises(DataError, match="choose from \\['code', 'docs'\\]"):
+        sdk.distill(teacher.artifact, "tiny", base, domains=["poetry"])
+    with pytest.raises(ConfigError, match="distill.teacher is not set"):
+        from pipelines import distill
+
+        distill.run(load_config("tiny", base))
