@@ -113,6 +113,39 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- distill -------------------------------------------------------------------------------------------------
+
+
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="teacher model: a registry name or artifact folder (distill.teacher)")
+    p.add_argument("--alpha", type=float, help="weight of the KL term, 0..1 (distill.alpha)")
+    p.add_argument("--temperature", type=float, help="softmax temperature (distill.temperature)")
+    p.add_argument("--domain", dest="domains", action="append", metavar="DOMAIN",
+                   help="distil on this domain only, e.g. code or docs: a specialist (data.domains; repeatable)")
+    _train_args(p)
+
+
+def _distill_overrides(args: argparse.Namespace) -> list[str]:
+    flags = {"distill.teacher": args.teacher, "distill.alpha": args.alpha, "distill.temperature": args.temperature,
+             "data.domains": "[" + ",".join(args.domains) + "]" if args.domains else None}
+    return [f"{k}={v}" for k, v in flags.items() if v is not None] + _train_overrides(args)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from app import sdk
+    from app.console import print_table
+
+    result = sdk.distill(args.teacher, args.preset, _distill_overrides(args), domains=args.domains,
+                         run_name=args.run_name, num_cpus=args.num_cpus)
+    s = result.summary
+    rows = [(k, s.get(k)) for k in ("teacher", "domains", "alpha", "temperature", "final_loss", "final_val_loss",
+                                    "first_val_kl", "final_val_kl", "steps", "tokens", "tokens_per_s", "goodput",
+                                    "wall_s", "world_sizes", "restarts")]
+    print_table(f"distillation {s['run']}", ["metric", "value"], rows)
+    print(f"run folder {result.run_dir}; artifact {result.artifact}")
+    return 0
+
+
 # ---- sweep ---------------------------------------------------------------------------------------------------
 
 
@@ -330,6 +363,8 @@ COMMANDS: dict[str, Command] = {
     "info": ("parameters, FLOPs per token and memory per worker of a preset", _info_args, _info),
     "train": ("train with Ray Train + DeepSpeed (ZeRO 0-3, offload, pipeline); resumes a run by name",
               _train_args, _train),
+    "distill": ("distil a teacher into a smaller student (or a one-domain specialist) with the same trainer, "
+                "checkpoints and elasticity", _distill_args, _distill),
     "chaos": ("inject a fault (spot reclaim, killed worker or node, torn checkpoint, resize) into training on a "
               "local multi-node Ray cluster and measure recovery against an undisturbed run", _chaos_args, _chaos),
     "sweep": ("run a scaling sweep from tune_configs/*.yaml with Ray Tune; resumes an interrupted one",

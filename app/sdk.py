@@ -131,6 +131,34 @@ def train(preset: str | TrainConfig = "tiny", overrides: Sequence[str] = (), *, 
     return pipeline.run(cfg, num_cpus=num_cpus)
 
 
+def distill(teacher: str, preset: str | TrainConfig = "tiny", overrides: Sequence[str] = (), *,
+            domains: Sequence[str] | None = None, alpha: float | None = None, temperature: float | None = None,
+            run_name: str | None = None, num_cpus: int | None = None):
+    """Distil `teacher` (a registry name or artifact folder) into the student `preset` with Ray Train + DeepSpeed:
+    loss (1 − α)·CE + α·T²·KL(teacher ‖ student). `domains=["code"]` makes a specialist trained on that domain only.
+    The run name defaults to `<preset>-student` (`<preset>-<domain>-specialist` with one domain). Returns a
+    `TrainResult` whose summary holds the validation KL to the teacher before and after."""
+    from pipelines import distill as pipeline
+
+    extra = [f"distill.teacher={teacher}"]
+    if alpha is not None:
+        extra.append(f"distill.alpha={alpha}")
+    if temperature is not None:
+        extra.append(f"distill.temperature={temperature}")
+    if domains:
+        extra.append("data.domains=[" + ",".join(domains) + "]")
+    if run_name:
+        extra.append(f"name={run_name}")
+    if isinstance(preset, TrainConfig):
+        cfg = preset
+    else:
+        cfg = load_config(preset, extra + list(overrides))
+        if not run_name and not any(o.startswith("name=") for o in overrides):
+            suffix = f"{domains[0]}-specialist" if domains and len(domains) == 1 else "student"
+            cfg = cfg.model_copy(update={"name": f"{cfg.name}-{suffix}"})
+    return pipeline.run(cfg, num_cpus=num_cpus)
+
+
 # ---- scaling laws: sweep → fit → plan ------------------------------------------------------------------------
 
 
