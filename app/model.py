@@ -35,8 +35,10 @@ class KVCache:
     v: torch.Tensor  # [B, H, seq_len, hd]
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.d_model // cfg.n_head)
+    def empty(cls, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
+              length: int | None = None) -> KVCache:
+        """Zeros for `length` slots (default seq_len; a left-padded batch may need more, see forward_padded)."""
+        shape = (batch_size, cfg.n_head, length or cfg.seq_len, cfg.d_model // cfg.n_head)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +58,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """attn_mask [B, 1, T, S] (True = may attend), from GPT.forward_padded, replaces the causal mask."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, H, T, hd]
@@ -68,12 +72,13 @@ class CausalSelfAttention(nn.Module):
         # the same position (training, or a prefill from 0). One new token may see every cached key, so it needs
         # no mask; a chunk appended after cached positions needs the diagonal shifted by start_pos.
         S = k.size(2)
-        mask = None
-        if T > 1 and S != T:
+        mask = attn_mask
+        if mask is None and T > 1 and S != T:
             rows = torch.arange(start_pos, start_pos + T, device=x.device)[:, None]  # [T, 1]
             mask = torch.arange(S, device=x.device) <= rows  # [T, S], True = may attend
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1 and S == T
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and T > 1 and S == T,
         )  # [B, H, T, hd]
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_drop(self.c_proj(y))
@@ -101,8 +106,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, start_pos)
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, start_pos, attn_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -116,9 +122,11 @@ class Embedding(nn.Module):
         self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        pos = torch.arange(start_pos, start_pos + idx.size(1), device=idx.device)  # [T]
-        return self.drop(self.wte(idx) + self.wpe(pos))  # [B, T, D]
+    def forward(self, idx: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """positions [B, T] overrides start_pos.. (rows of a left-padded batch start at different slots)."""
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + idx.size(1), device=idx.device)  # [T]
+        return self.drop(self.wte(idx) + self.wpe(positions))  # [B, T, D]
 
 
 class Head(nn.Module):
@@ -224,11 +232,40 @@ class GPT(nn.Module):
         return logits, loss
 
     def new_kv_cache(
-        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None,
+        length: int | None = None,
     ) -> list[KVCache]:
-        """An empty cache per block for batch_size sequences; device and dtype default to the weights'."""
+        """An empty cache per block for batch_size sequences of `length` slots (default seq_len); device and
+        dtype default to the weights'."""
         w = self.embed.wte.weight
-        return [KVCache.empty(self.cfg, batch_size, device or w.device, dtype or w.dtype) for _ in self.blocks]
+        return [KVCache.empty(self.cfg, batch_size, device or w.device, dtype or w.dtype, length)
+                for _ in self.blocks]
+
+    def forward_padded(
+        self, idx: torch.Tensor, pad: torch.Tensor, kv_cache: list[KVCache], start_pos: int = 0
+    ) -> torch.Tensor:
+        """Logits [B, T, V] for cache slots start_pos..start_pos+T-1 of a left-padded batch (serving).
+
+        Row b's real tokens start at slot pad[b] (pad [B], padding before it). Each row's positions count from
+        its own first real token, and no query attends to a padding slot, so every row computes what it would
+        alone. Slots are shared by the rows, so a batch whose prompts differ in length may need a cache longer
+        than seq_len (new_kv_cache(length=...)); only positions must stay below seq_len.
+        """
+        T = idx.size(1)
+        slots = torch.arange(start_pos, start_pos + T, device=idx.device)  # [T]
+        positions = (slots - pad[:, None]).clamp(min=0)  # [B, T]
+        if int(positions[:, -1].max()) >= self.cfg.seq_len:
+            raise ValueError(f"a row reaches position {int(positions[:, -1].max())}, beyond "
+                             f"model.seq_len={self.cfg.seq_len}; lower max_new_tokens or shorten the prompt")
+        keys = torch.arange(start_pos + T, device=idx.device)  # [S]
+        mask = (keys <= slots[:, None]) & (keys >= pad[:, None, None])  # [B, T, S]: causal, no padding
+        # A padding query would see no key at all, and an all-masked softmax row is NaN, which the next layer's
+        # keys and values would carry into real rows (0 * NaN); let it see itself. Its output is never used.
+        mask |= keys == slots[:, None]
+        x = self.embed(idx, positions=positions)  # [B, T, D]
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache[i], start_pos, mask[:, None])  # [B, T, D]
+        return self.head(x)  # [B, T, V]
 
     @torch.no_grad()
     def generate(

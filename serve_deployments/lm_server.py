@@ -1,0 +1,443 @@
+"""LMServer: one registry artifact served by Ray Serve — batched KV-cache generation, streaming, scoring, embeddings.
+
+    LMServer.options(name="teacher").bind("runs/demo/artifact", "teacher", {"max_batch_size": 16})
+
+Every method takes and returns plain dicts (cheap across a DeploymentHandle). Requests that arrive together are
+decoded as one left-padded batch (`@serve.batch`, `GPT.forward_padded`): each row keeps its own max_tokens, stop
+strings and sampling settings, and leaves the batch the step it finishes, so its caller gets its answer without
+waiting for the longest row. Greedy output is the same batched or alone. The torch work runs on one worker
+thread, so the replica's event loop keeps accepting (and batching) requests while a batch decodes.
+
+A text prompt starts a document: training saw every document after an eos token, so the context is
+[eos] + tokens(prompt) (counted in prompt_tokens). `prompt_ids` are used as given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from ray import serve
+from torch.nn import functional as F
+
+from app.errors import UserError
+from app.model import GPT, sample_next_token
+from app.tokenizer import Tokenizer
+
+logger = logging.getLogger("ray.serve")
+
+# ---- requests and settings (validated at the edge; one-line UserErrors) -------------------------------------
+
+
+class _Request(BaseModel):
+    # The router passes OpenAI-shaped bodies through; keys this server does not use (model, user, n, ...) are
+    # the router's business, so they are ignored here rather than rejected.
+    model_config = ConfigDict(extra="ignore", strict=False)
+
+
+class GenerationRequest(_Request):
+    """One completion: a prompt (text or token ids) and how to continue it."""
+
+    prompt: str | None = Field(None, description="Text to continue.")
+    prompt_ids: list[int] | None = Field(None, description="Token ids to continue (instead of prompt).")
+    max_tokens: int = Field(16, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 = greedy; else softmax temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (1 = off).")
+    top_k: int | None = Field(None, ge=1, description="Sample among the k likeliest tokens (None = off).")
+    stop: list[str] = Field(default_factory=list, max_length=8, description="Strings that end the completion.")
+    seed: int | None = Field(None, description="Seed of this request's sampling (same seed, same output).")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, v: Any) -> Any:
+        return [] if v is None else [v] if isinstance(v, str) else v
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, v: list[str]) -> list[str]:
+        if any(not s for s in v):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+
+class ScoreRequest(_Request):
+    prompt: str = ""
+    continuation: str = Field(min_length=1)
+
+
+class EmbedRequest(_Request):
+    text: str = Field(min_length=1)
+
+
+class LiveSettings(BaseModel):
+    """Settings a running replica takes through reconfigure(user_config) (also the deployment's `settings`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most requests decoded together in one batch.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=5.0,
+                                        description="Seconds a batch waits for more requests before it starts.")
+    max_tokens_limit: int | None = Field(None, ge=1, description="Largest max_tokens a request may ask for "
+                                         "(default: the model's context).")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: the replica's "
+                                      "num_cpus, at least 1).")
+
+
+def _validate(model: type[BaseModel], data: Any, what: str) -> Any:
+    """`model(**data)` with a pydantic error turned into a one-line UserError naming the field."""
+    if not isinstance(data, dict):
+        raise UserError(f"{what} must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or what
+        raise UserError(f"{what}.{loc}: {first['msg']} (got {first.get('input')!r:.60})") from None
+
+
+# ---- one sequence being decoded (pure Python: text, stop strings, finish) ------------------------------------
+
+
+@dataclass
+class Sequence:
+    """A request's decoding state: its tokens, its text so far, and whether and why it finished."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    stop: tuple[str, ...]
+    generator: torch.Generator | None
+    tokenizer: Tokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprob_sum: float = 0.0  # natural-log probability of each generated token under the model (temperature 1)
+    entropy_sum: float = 0.0  # entropy (nats) of the model's next-token distribution at each step
+    text: str = ""  # the completion's text, cut before a stop string once one appears
+    emitted: int = 0  # characters of text already streamed
+    finish_reason: str | None = None  # "stop" (eos or a stop string) or "length"
+
+    def push(self, token: int, logprob: float, entropy: float) -> dict:
+        """Append one generated token; returns the stream event {text (new), token_id, finish_reason}."""
+        self.token_ids.append(token)
+        self.logprob_sum += logprob
+        self.entropy_sum += entropy
+        if token == self.tokenizer.eos_id:
+            self.finish_reason = "stop"
+            return self._event(token, len(self.text))
+        full = self.tokenizer.decode(self.token_ids)
+        hits = [i for i in (full.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.finish_reason = full[:min(hits)], "stop"
+            return self._event(token, len(self.text))
+        self.text = full
+        if len(self.token_ids) >= self.max_tokens:
+            self.finish_reason = "length"
+            return self._event(token, len(full))
+        return self._event(token, len(full) - self._held_back(full))
+
+    def _held_back(self, full: str) -> int:
+        """Characters at the end not to stream yet: the start of a stop string, or an incomplete UTF-8 char."""
+        hold = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if full.endswith(s[:n])), default=0)
+        while hold < len(full) and full[len(full) - hold - 1] == "\ufffd":  # byte-level BPE mid-character
+            hold += 1
+        return hold
+
+    def _event(self, token: int, upto: int) -> dict:
+        delta = self.text[self.emitted:upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return {"text": delta, "token_id": token, "finish_reason": self.finish_reason}
+
+    def result(self, model: str) -> dict:
+        n = len(self.token_ids)
+        return {
+            "text": self.text, "token_ids": list(self.token_ids), "prompt_tokens": len(self.prompt_ids),
+            "completion_tokens": n, "finish_reason": self.finish_reason,
+            "mean_logprob": self.logprob_sum / n if n else 0.0, "mean_entropy": self.entropy_sum / n if n else 0.0,
+            "model": model,
+        }
+
+
+# ---- a left-padded batch decoding together (pure torch; unit-tested without Ray) -----------------------------
+
+
+class DecodeBatch:
+    """Sequences decoding as one left-padded batch with a KV cache; `step()` adds one token to every live row.
+
+    Rows are left-padded to the longest prompt so every row's next token comes from the last slot. A row that
+    finishes is dropped from the tensors (and the cache) before the next step, so it costs nothing more.
+    """
+
+    def __init__(self, model: GPT, seqs: list[Sequence], pad_id: int) -> None:
+        self.model, self.seqs = model, seqs
+        device = model.embed.wte.weight.device
+        width = max(len(s.prompt_ids) for s in seqs)
+        self._idx = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)  # [B, T]
+        for row, s in enumerate(seqs):
+            self._idx[row, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids, dtype=torch.long)
+        self._pad = torch.tensor([width - len(s.prompt_ids) for s in seqs], device=device)  # [B]
+        # The last token of the longest request is never fed back, hence the -1.
+        slots = width + max(s.max_tokens for s in seqs) - 1
+        self._cache = model.new_kv_cache(len(seqs), device, length=max(slots, width))
+        self._live = list(range(len(seqs)))  # index into seqs of each tensor row
+        self._slot = 0  # cache slot of the next input
+        self.done = False
+
+    @torch.inference_mode()
+    def step(self) -> list[dict | None]:
+        """One forward (the prefill, then one token per row); returns one stream event per sequence, None for a
+        sequence that had already finished."""
+        assert not self.done
+        logits = self.model.forward_padded(self._idx, self._pad, self._cache, self._slot)[:, -1]  # [B, V]
+        self._slot += self._idx.size(1)
+        tokens, logprobs, entropies = self._choose(logits)
+        events: list[dict | None] = [None] * len(self.seqs)
+        keep = []
+        for row, i in enumerate(self._live):
+            events[i] = self.seqs[i].push(int(tokens[row]), float(logprobs[row]), float(entropies[row]))
+            if self.seqs[i].finish_reason is None:
+                keep.append(row)
+        if not keep:
+            self.done = True
+        elif len(keep) < len(self._live):  # early finish: the row leaves the batch
+            rows = torch.tensor(keep, device=tokens.device)
+            for c in self._cache:
+                c.k, c.v = c.k.index_select(0, rows), c.v.index_select(0, rows)
+            self._pad, tokens = self._pad[rows], tokens[rows]
+            self._live = [self._live[r] for r in keep]
+        self._idx = tokens[:, None]  # [B, 1]
+        return events
+
+    def _choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Next token of each row (greedy or its own sampling settings and generator), its log-probability and
+        the distribution's entropy, both under the model itself (temperature 1, no filtering)."""
+        logp = F.log_softmax(logits.float(), dim=-1)  # [B, V]
+        entropy = -(logp.exp() * logp).sum(dim=-1)  # [B]
+        tokens = logits.argmax(dim=-1)  # [B]
+        for row, i in enumerate(self._live):
+            s = self.seqs[i]
+            if s.temperature > 0:
+                tokens[row] = sample_next_token(logits[row:row + 1], s.temperature, s.top_k, s.top_p, s.generator)[0]
+        return tokens, logp.gather(1, tokens[:, None])[:, 0], entropy
+
+
+# ---- scoring and embedding (right-padded batches: a causal model never looks at later pads) ------------------
+
+
+@torch.inference_mode()
+def score_batch(model: GPT, items: list[tuple[list[int], int]], pad_id: int) -> list[dict]:
+    """Mean log-probability (nats per token) of ids[n_context:] given ids[:n_context], for each (ids, n_context)."""
+    idx = _right_padded([ids for ids, _ in items], pad_id, model)
+    logp = F.log_softmax(model(idx)[0].float(), dim=-1)  # [B, T, V]
+    out = []
+    for row, (ids, n_context) in enumerate(items):
+        targets = torch.tensor(ids[n_context:], device=idx.device)  # [n]
+        lp = logp[row, n_context - 1:len(ids) - 1].gather(1, targets[:, None])  # token t is predicted at t - 1
+        out.append({"mean_logprob": float(lp.mean()), "tokens": len(targets)})
+    return out
+
+
+@torch.inference_mode()
+def embed_batch(model: GPT, texts: list[list[int]], pad_id: int) -> list[list[float]]:
+    """Unit-length mean of the final (layer-normed) hidden states over each text's tokens."""
+    idx = _right_padded(texts, pad_id, model)
+    x = model.embed(idx)
+    for block in model.blocks:
+        x = block(x)
+    h = model.head.ln_f(x)  # [B, T, D]
+    lengths = torch.tensor([len(t) for t in texts], device=idx.device)
+    real = (torch.arange(idx.size(1), device=idx.device) < lengths[:, None]).unsqueeze(-1)  # [B, T, 1]
+    mean = (h * real).sum(dim=1) / lengths[:, None]  # [B, D]
+    return F.normalize(mean.float(), dim=-1).tolist()
+
+
+def _right_padded(rows: list[list[int]], pad_id: int, model: GPT) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    idx = torch.full((len(rows), width), pad_id, dtype=torch.long, device=model.embed.wte.weight.device)
+    for i, r in enumerate(rows):
+        idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return idx
+
+
+# ---- retries when a replica dies mid-request -----------------------------------------------------------------
+
+
+def replica_died(err: BaseException) -> bool:
+    """Whether `err` means the replica serving the request died (or became unreachable), so the same request
+    sent again goes to a live replica."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    return isinstance(err, RayActorError) or (
+        isinstance(err, RayTaskError) and isinstance(getattr(err, "cause", None), RayActorError))
+
+
+async def call_with_retry(call: Callable[[], Awaitable[Any]], *, attempts: int = 3, backoff_s: float = 0.05) -> Any:
+    """Await `call()` (e.g. `lambda: handle.generate.remote(req)`), sending it again when its replica died.
+
+    Serve's handle stops routing to a dead replica, but a request already running there fails with
+    ActorDiedError; generate/score/embed/info have no side effects, so sending them again is safe. Streams are
+    not retried (tokens may already have reached the client).
+    """
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except Exception as err:  # noqa: BLE001 - re-raised unless it is a replica death
+            if not replica_died(err) or attempt == attempts - 1:
+                raise
+            logger.warning("replica died during a request; retrying (%d/%d)", attempt + 1, attempts - 1)
+            await asyncio.sleep(backoff_s * 2**attempt)
+
+
+# ---- the deployment --------------------------------------------------------------------------------------------
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+class LMServer:
+    """Serves one artifact (a folder or registry name) under `name`; `settings` are LiveSettings fields."""
+
+    def __init__(self, artifact: str, name: str, settings: dict | None = None) -> None:
+        from app.registry import load_artifact
+
+        self.name = name
+        self.artifact = load_artifact(artifact)
+        self.model, self.tokenizer = self.artifact.model.eval(), self.artifact.tokenizer
+        self.seq_len = self.model.cfg.seq_len
+        # One worker thread runs all torch work: batches never run two forwards at once on the same cores, and
+        # the event loop stays free to accept and batch requests meanwhile.
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lm-{name}")
+        self.settings = LiveSettings()
+        self.batch_stats = {"batches": 0, "requests": 0, "largest": 0}  # generation batches since start
+        self._apply(_validate(LiveSettings, settings or {}, "settings"))
+
+    # -- live settings --
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Live settings (max_batch_size, batch_wait_timeout_s, max_tokens_limit, torch_threads) from the
+        deployment's user_config; fields left out keep their current value."""
+        merged = {**self.settings.model_dump(exclude_unset=True), **(user_config or {})}
+        self._apply(_validate(LiveSettings, merged, "user_config"))
+
+    def _apply(self, settings: LiveSettings) -> None:
+        self.settings = settings
+        for method in (self._decode_batch, self._score_batch, self._embed_batch):
+            method.set_max_batch_size(settings.max_batch_size)
+            method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        threads = settings.torch_threads or _replica_cpus()
+        self._worker.submit(torch.set_num_threads, threads).result()
+        self.torch_threads = threads
+
+    # -- generation --
+
+    def _sequence(self, req: dict) -> Sequence:
+        r: GenerationRequest = _validate(GenerationRequest, req, "request")
+        if (r.prompt is None) == (r.prompt_ids is None):
+            raise UserError("request: give exactly one of prompt (text) or prompt_ids (token ids)")
+        if r.prompt_ids is not None:
+            ids = r.prompt_ids
+            if not ids:
+                raise UserError("request.prompt_ids: empty; give at least one token id")
+            if min(ids) < 0 or max(ids) >= self.model.cfg.vocab_size:
+                raise UserError(f"request.prompt_ids: ids must lie in [0, {self.model.cfg.vocab_size})")
+        else:
+            ids = [self.tokenizer.eos_id, *self.tokenizer.encode(r.prompt)]
+        limit = min(self.settings.max_tokens_limit or self.seq_len, self.seq_len)
+        if r.max_tokens > limit:
+            raise UserError(f"request.max_tokens={r.max_tokens} is over this server's limit of {limit}; ask for fewer")
+        if len(ids) + r.max_tokens > self.seq_len:
+            raise UserError(
+                f"request: prompt of {len(ids)} tokens + max_tokens={r.max_tokens} exceeds {self.name}'s context of "
+                f"{self.seq_len} tokens; shorten the prompt or lower max_tokens")
+        generator = None
+        if r.temperature > 0:
+            generator = torch.Generator().manual_seed(r.seed if r.seed is not None else secrets.randbits(63))
+        return Sequence(ids, r.max_tokens, r.temperature, r.top_k, r.top_p if r.top_p < 1 else None,
+                        tuple(r.stop), generator, self.tokenizer)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
+    async def _decode_batch(self, seqs: list[Sequence]) -> AsyncIterator[list]:
+        """Serve hands over the sequences that arrived together; yields one event per sequence per step
+        (StopIteration for sequences that already finished, which ends their callers' streams)."""
+        loop = asyncio.get_running_loop()
+        stats = self.batch_stats
+        stats["batches"], stats["requests"] = stats["batches"] + 1, stats["requests"] + len(seqs)
+        stats["largest"] = max(stats["largest"], len(seqs))
+        batch = DecodeBatch(self.model, seqs, self.tokenizer.pad_id)
+        while not batch.done:
+            events = await loop.run_in_executor(self._worker, batch.step)
+            yield [StopIteration if e is None else e for e in events]
+
+    async def generate(self, req: dict) -> dict:
+        """A completion: text, token_ids, prompt/completion token counts, finish_reason, mean_logprob,
+        mean_entropy, model. Returns as soon as this request finishes, whatever else is in its batch."""
+        seq = self._sequence(req)
+        async for event in self._decode_batch(seq):
+            if event["finish_reason"] is not None:
+                break
+        return seq.result(self.name)
+
+    async def stream(self, req: dict) -> AsyncIterator[dict]:
+        """The completion token by token: {"text": new text, "token_id", "finish_reason": None|"stop"|"length"}.
+        Text that may be the start of a stop string is held back until it is known not to be."""
+        seq = self._sequence(req)
+        async for event in self._decode_batch(seq):
+            yield event
+            if event["finish_reason"] is not None:
+                break
+
+    # -- scoring and embedding --
+
+    async def score(self, req: dict) -> dict:
+        """{"mean_logprob", "tokens"}: the mean log-likelihood (nats/token) of req["continuation"] after
+        req["prompt"]. A prompt too long for the context loses its oldest tokens."""
+        r: ScoreRequest = _validate(ScoreRequest, req, "request")
+        cont = self.tokenizer.encode(r.continuation)
+        if len(cont) >= self.seq_len:
+            raise UserError(f"request.continuation: {len(cont)} tokens does not fit {self.name}'s context of "
+                            f"{self.seq_len}; score at most {self.seq_len - 1} tokens")
+        context = [self.tokenizer.eos_id, *self.tokenizer.encode(r.prompt)][-(self.seq_len - len(cont)):]
+        return await self._score_batch((context + cont, len(context)))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _score_batch(self, items: list[tuple[list[int], int]]) -> list[dict]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._worker, score_batch, self.model, items, self.tokenizer.pad_id)
+
+    async def embed(self, req: dict) -> list[float]:
+        """A unit vector for req["text"]: the mean of the model's final hidden states (semantic-cache key)."""
+        r: EmbedRequest = _validate(EmbedRequest, req, "request")
+        return await self._embed_batch([self.tokenizer.eos_id, *self.tokenizer.encode(r.text)][:self.seq_len])
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _embed_batch(self, texts: list[list[int]]) -> list[list[float]]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._worker, embed_batch, self.model, texts, self.tokenizer.pad_id)
+
+    async def info(self) -> dict:
+        """What this deployment serves and how: sizes, quantization, live settings, the artifact's card."""
+        card = self.artifact.card
+        return {
+            "name": self.name, "artifact": str(self.artifact.path),
+            "parameters": self.model.num_params(non_embedding=False), "seq_len": self.seq_len,
+            "vocab_size": self.model.cfg.vocab_size, "quantization": card.get("quantization") or "none",
+            "max_batch_size": self.settings.max_batch_size, "batch_wait_timeout_s": self.settings.batch_wait_timeout_s,
+            "max_tokens_limit": min(self.settings.max_tokens_limit or self.seq_len, self.seq_len),
+            "torch_threads": self.torch_threads, "batch_stats": dict(self.batch_stats), "card": card,
+        }
+
+
+def _replica_cpus() -> int:
+    """Whole CPUs Ray gave this replica (ray_actor_options num_cpus), at least 1: torch's thread count."""
+    import ray
+
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    except Exception:  # noqa: BLE001 - outside an actor (unit tests): one thread
+        cpus = 1.0
+    return max(1, math.floor(cpus))
