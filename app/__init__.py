@@ -4,7 +4,22 @@ The SDK functions are re-exported here so a notebook can `import app; app.prepar
 no Ray and loads no torch.
 """
 
-from app.sdk import ModelInfo, distill, fit, fit_report, info, load_config, load_fit, plan, prepare_data, sweep, train
+from app.sdk import (
+    ModelInfo,
+    distill,
+    evaluate,
+    fit,
+    fit_report,
+    info,
+    load_config,
+    load_fit,
+    models,
+    plan,
+    prepare_data,
+    quantize,
+    sweep,
+    train,
+)
 
-__all__ = ["ModelInfo", "distill", "fit", "fit_report", "info", "load_config", "load_fit", "plan", "prepare_data", "sweep",
-           "train"]
+__all__ = ["ModelInfo", "distill", "evaluate", "fit", "fit_report", "info", "load_config", "load_fit", "models",
+           "plan", "prepare_data", "quantize", "sweep", "train"]

@@ -355,6 +355,104 @@ def _chaos(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- quantize, eval, models ---------------------------------------------------------------------------------
+
+
+def _add_registry(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", metavar="PATH|URI",
+                   help="registry root: a folder or pyarrow URI (default: $SCALESTACK_REGISTRY, else runs/registry)")
+
+
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a registry name or an artifact folder (e.g. runs/NAME/artifact)")
+    p.add_argument("--method", default="int8", choices=["int8", "int8-weight-only", "int4", "qat"],
+                   help="int8: dynamic int8 activations + int8 weights; int8-weight-only; int4: int4 weight-only "
+                        "(needs a kernel this machine may lack); qat: int8 after quantization-aware fine-tuning")
+    p.add_argument("--backend", default="auto", choices=["auto", "torchao", "torch.ao"],
+                   help="auto: torch.ao for int8 (faster on x86 CPUs), torchao otherwise")
+    p.add_argument("--name", help="registry name of the result (default: PARENT-METHOD)")
+    _add_registry(p)
+    p.add_argument("--data", help="prepared data folder (default: the model card's data)")
+    p.add_argument("--steps", type=int, default=50, help="QAT fine-tuning steps (default 50)")
+    p.add_argument("--lr", type=float, default=1e-4, help="QAT learning rate (default 1e-4)")
+    p.add_argument("--batches", type=int, default=8, help="validation batches of 8 windows per domain (default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from app import sdk
+    from app.console import print_table
+
+    r = sdk.quantize(args.model, args.method, name=args.name, registry=args.registry, data=args.data,
+                     backend=args.backend, steps=args.steps, lr=args.lr, batches=args.batches,
+                     overwrite=args.overwrite)
+    print_table(f"{r.name}: {r.after.quantization} ({r.backend})", r.columns(), r.rows())
+    if r.fallback:
+        print(f"backend: {r.fallback}; ran torch.ao dynamic quantization instead")
+    if r.qat_losses:
+        print(f"QAT: {len(r.qat_losses)} steps, training loss {r.qat_losses[0]:.3f} -> {r.qat_losses[-1]:.3f}")
+    print(f"published {r.name} to {_short(r.path)}")
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a registry name or an artifact folder")
+    p.add_argument("--domain", default="all", help="code, docs, ... or all (default: every domain of the data)")
+    p.add_argument("--data", help="prepared data folder (default: the model card's data)")
+    p.add_argument("--batches", type=int, default=8, help="validation batches of 8 windows per domain (default 8)")
+    _add_registry(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from app import sdk
+    from app.console import print_table
+
+    r = sdk.evaluate(args.model, args.data, domains=args.domain, batches=args.batches, registry=args.registry)
+    if args.json:
+        print(json.dumps({**asdict(r), "perplexity": r.perplexity}, indent=2))
+        return 0
+    print_table(f"eval {r.model} on {_short(r.data)}", ["metric", "value"], r.rows())
+    print(f"{sum(r.tokens_evaluated.values()):,} validation tokens; {r.machine['cpu']}, "
+          f"{r.machine['torch_threads']} torch threads; {r.seconds:.1f} s")
+    return 0
+
+
+def _models_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _add_registry(sub.add_parser("list", help="a table of every model in the registry"))
+    show = sub.add_parser("show", help="one model's card")
+    show.add_argument("name")
+    _add_registry(show)
+    publish = sub.add_parser("publish", help="copy an artifact folder into the registry under a name")
+    publish.add_argument("path", help="an artifact folder, e.g. runs/NAME/artifact")
+    publish.add_argument("--name", required=True, help="registry name")
+    publish.add_argument("--overwrite", action="store_true", help="replace a model of the same name")
+    _add_registry(publish)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from app import sdk
+    from app.console import print_table
+    from app.registry import Registry
+
+    reg = Registry(args.registry)
+    if args.action == "show":
+        print(json.dumps({"name": args.name, **reg.card(args.name)}, indent=2, sort_keys=True))
+    elif args.action == "publish":
+        print(f"published {args.name} to {_short(reg.publish(args.name, args.path, overwrite=args.overwrite))}")
+    else:
+        from app.console import out_console
+
+        if not out_console.is_terminal:  # piped or captured: no terminal to fit, so print whole rows (~110 columns)
+            out_console.width = max(out_console.width, 132)
+        models = sdk.models(reg.root)
+        print_table(f"registry {_short(reg.root)}: {len(models.cards)} models", models.columns(), models.rows())
+    return 0
+
+
 # ---- the table -----------------------------------------------------------------------------------------------
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -372,6 +470,11 @@ COMMANDS: dict[str, Command] = {
     "fit": ("fit scaling laws (Chinchilla approach 3, Kaplan, IsoFLOP) to a results table → fit.json + PNGs",
             _fit_args, _fit),
     "plan": ("compute-optimal size, tokens, loss, hours and cost for a FLOP or USD budget", _plan_args, _plan),
+    "quantize": ("quantize a model (int8, int8 weight-only, int4, or QAT then int8) into the registry",
+                 _quantize_args, _quantize),
+    "eval": ("validation loss and perplexity per domain, generation tokens/s and size of a model", _eval_args,
+             _eval),
+    "models": ("the model registry: list, show NAME, publish PATH --name NAME", _models_args, _models),
 }
 
 

@@ -21,7 +21,7 @@ from app.console import html_table
 from app.parallel import memory_estimate
 
 __all__ = ["load_config", "prepare_data", "info", "train", "ModelInfo", "sweep", "fit", "fit_report", "load_fit",
-           "plan"]
+           "plan", "quantize", "evaluate", "models"]
 
 
 def prepare_data(
@@ -289,3 +289,39 @@ def chaos(preset: str | TrainConfig = "tiny", scenario: str = "spot", overrides:
     cfg = preset if isinstance(preset, TrainConfig) else load_config(preset, list(overrides))
     return pipeline.run(cfg, scenario, out=out, inject_at_step=inject_at_step, notice_s=notice_s,
                         rejoin_after_s=rejoin_after_s)
+
+
+# ---- models: quantize, evaluate, registry --------------------------------------------------------------------
+
+
+def quantize(model: str | Path, method: str = "int8", *, name: str | None = None, registry: str | None = None,
+             data: str | Path | None = None, backend: str = "auto", steps: int = 50, lr: float = 1e-4,
+             batch_size: int = 8, batches: int = 8, overwrite: bool = False):
+    """Quantize `model` (a registry name or artifact folder) and publish the result in the registry as `name`
+    (default PARENT-METHOD). method: "int8" (dynamic activations + int8 weights), "int8-weight-only", "int4"
+    (int4 weight-only, where a kernel exists), "qat" (`steps` of quantization-aware fine-tuning on `data`'s
+    training split, then int8). Returns a `QuantizeResult`: fp32 vs quantized size, val loss per domain and
+    tokens/s, the backend that ran and the published card."""
+    from pipelines import quantize as pipeline
+
+    return pipeline.run(str(model), method, name=name, registry=registry, data=data, backend=backend, steps=steps,
+                        lr=lr, batch_size=batch_size, batches=batches, overwrite=overwrite)
+
+
+def evaluate(model, data: str | Path | None = None, *, domains="all", batches: int = 8,
+             registry: str | None = None):
+    """Validation loss and perplexity per domain (`domains`: "all", "code", "docs" or a list), generation
+    tokens/s at batch 1 and 16, and size of `model` (a registry name, an artifact folder or a loaded Artifact) on
+    `data` (default: the folder in its card). Returns an `EvalResult`."""
+    from app.evaluate import evaluate as run_eval
+
+    return run_eval(model, data, domains=domains, batches=batches, registry=registry)
+
+
+def models(registry: str | None = None):
+    """Every model in the registry (default $SCALESTACK_REGISTRY, else runs/registry) as a `ModelList`: `.cards`
+    and `.rows()` (name, parameters, bytes, quantization, val loss per domain, tokens/s, created)."""
+    from app.registry import ModelList, Registry
+
+    reg = Registry(registry)
+    return ModelList(reg.root, reg.list())

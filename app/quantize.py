@@ -1,0 +1,310 @@
+"""Quantizing the GPT: post-training int8 (dynamic activations + int8 weights), int8 weight-only and int4
+weight-only with torchao, quantization-aware fine-tuning (torchao QAT), and quantized weights as plain tensors so
+an artifact stays safetensors and rebuilds bit-identically.
+
+What is quantized: every ``nn.Linear`` — the attention and MLP projections and the output head. The token and
+position embeddings stay fp32: a lookup costs no matmul, so int8 there would only lose accuracy. The head's weight
+is tied to the token embedding; quantizing it gives the head its own int8 copy (+V·D bytes, a quarter of the
+fp32 table) because on this CPU the head is a large share of decoding time.
+
+Backends. ``int8`` runs on torch.ao's fbgemm dynamic quantization by default: on x86 CPUs torchao 0.18's int8
+path is an eager ``torch._int_mm`` that decodes 2–6× *slower* than fp32 here, while fbgemm's prepacked int8 GEMM
+is faster than fp32 at the `small` preset's width (README, "Models"). ``backend="torchao"`` picks torchao anyway.
+``int8-weight-only`` exists only in torchao. ``int4`` (torchao ``Int4WeightOnlyConfig``) needs CUDA, the mslk
+kernels or ARM KleidiAI; where none is present it fails naming the methods that do run. A torchao failure for
+``int8`` on this machine falls back to torch.ao and says so (``QuantSpec.fallback``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from app.errors import UserError
+from app.model import GPT
+
+# CLI method name -> what the model card calls the result.
+METHODS = {"int8": "int8-dynamic", "int8-weight-only": "int8-weight-only", "int4": "int4-weight-only",
+           "qat": "int8-dynamic"}
+BACKENDS = ("auto", "torchao", "torch.ao")
+INT4_GROUP_SIZE = 32  # weights per int4 scale; divides every width the presets use
+_PARTS = ("qdata", "scale", "zero_point")  # names of a quantized weight's stored tensors: LAYER.weight.PART
+
+
+class QuantizeError(UserError):
+    """A quantization request that cannot be met: unknown method, already quantized, no kernel on this machine."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a model was quantized: enough to rebuild its modules from stored tensors."""
+
+    method: str  # "int8-dynamic" | "int8-weight-only" | "int4-weight-only"
+    backend: str  # "torchao" | "torch.ao"
+    layers: tuple[str, ...]  # fully-qualified names of the quantized nn.Linear modules
+    fallback: str | None = None  # why the requested backend did not run, when another one did
+    storage: str = field(default="")  # how the weights sit in model.safetensors (for readers of the card)
+
+    def to_card(self) -> dict:
+        return {**asdict(self), "layers": list(self.layers)}
+
+    @classmethod
+    def from_card(cls, raw: dict) -> "QuantSpec":
+        """The spec inside a card's quantization_config (which may carry more, e.g. the QAT settings)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names and k != "layers"}, layers=tuple(raw["layers"]))
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torchao logs that its CUDA-only extensions did not load and torch.ao warns that it is deprecated: both are
+    noise on a CPU machine, so they are kept off the user's terminal."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def linear_layers(model: nn.Module) -> tuple[str, ...]:
+    """Names of the model's nn.Linear modules (attention, MLP and the output head), in module order."""
+    return tuple(name for name, mod in model.named_modules() if type(mod) is nn.Linear)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when any module is a torch.ao quantized module or holds a torchao quantized weight."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    with _quiet():
+        from torchao.utils import TorchAOBaseTensor
+    return any(isinstance(m, DynamicLinear) or isinstance(getattr(m, "weight", None), TorchAOBaseTensor)
+               for m in model.modules())
+
+
+def _torchao_config(method: str):
+    with _quiet():
+        from torchao.quantization import (
+            Int4WeightOnlyConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+        )
+    if method == "int8-dynamic":
+        return Int8DynamicActivationInt8WeightConfig()
+    if method == "int8-weight-only":
+        return Int8WeightOnlyConfig()
+    return Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE)
+
+
+def _apply(model: GPT, method: str, backend: str, layers: tuple[str, ...]) -> GPT:
+    """Quantize `layers` of `model` with one backend (in place for torchao; torch.ao swaps modules)."""
+    wanted = set(layers)
+    with _quiet():
+        if backend == "torchao":
+            from torchao.quantization import quantize_
+
+            quantize_(model, _torchao_config(method), filter_fn=lambda mod, fqn: fqn in wanted)
+            return model
+        # Per-channel int8 weights (one scale per output row) like torchao's PerRow; activations are quantized
+        # per tensor at run time by fbgemm.
+        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        return torch.ao.quantization.quantize_dynamic(model, {name: qconfig for name in layers}, dtype=torch.qint8)
+
+
+def _int4_unavailable() -> str | None:
+    """Why torchao's int4 weight-only cannot run here (None when one of its layouts does)."""
+    with _quiet():
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+        from torchao.quantization.quantize_.workflows.int4.int4_packing_format import Int4PackingFormat
+
+    reasons = []
+    for fmt in Int4PackingFormat:
+        probe = nn.Sequential(nn.Linear(2 * INT4_GROUP_SIZE, 8))
+        try:
+            with _quiet():
+                quantize_(probe, Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, int4_packing_format=fmt))
+                probe(torch.zeros(1, 2 * INT4_GROUP_SIZE))
+            return None
+        except Exception as err:  # each layout fails in its own way: ImportError, AssertionError, NotImplementedError
+            reasons.append(f"{fmt.value}: {str(err).splitlines()[0][:80]}")
+    return "; ".join(reasons)
+
+
+def check_method(method: str, backend: str = "auto") -> None:
+    """Fail (one line) unless `method` with `backend` can run on this machine; cheap, so callers check first."""
+    if method not in METHODS:
+        raise QuantizeError(f"unknown quantization method '{method}'; choose one of {', '.join(METHODS)}")
+    if backend not in BACKENDS:
+        raise QuantizeError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if METHODS[method] != "int8-dynamic" and backend == "torch.ao":
+        raise QuantizeError(f"--method {method} exists only in torchao; use --backend torchao or auto")
+    if METHODS[method] == "int4-weight-only":
+        why = _int4_unavailable()
+        if why is not None:
+            raise QuantizeError(f"--method int4: torchao {_torchao_version()} has no int4 weight-only kernel on this "
+                                f"machine (CPU without CUDA, mslk or ARM KleidiAI: {why}); methods that run here: "
+                                "int8, int8-weight-only, qat")
+
+
+def quantize(model: GPT, method: str, backend: str = "auto") -> tuple[GPT, QuantSpec]:
+    """A quantized copy of fp32 `model` (left untouched) and the spec that rebuilds it.
+
+    method: "int8" (dynamic int8 activations + int8 weights), "int8-weight-only", "int4" (int4 weight-only);
+    "qat" is `qat_finetune` followed by "int8". backend: "auto" (torch.ao for int8, torchao otherwise),
+    "torchao" or "torch.ao".
+    """
+    if method == "qat":
+        raise QuantizeError("qat fine-tunes before quantizing: call qat_finetune, then quantize(model, 'int8')")
+    check_method(method, backend)
+    if is_quantized(model):
+        raise QuantizeError("the model is already quantized; quantize its fp32 parent instead")
+    card_method = METHODS[method]
+    chosen = ("torch.ao" if card_method == "int8-dynamic" else "torchao") if backend == "auto" else backend
+    layers = linear_layers(model)
+    fallback = None
+    try:
+        qmodel = _apply(copy.deepcopy(model), card_method, chosen, layers)
+        with torch.no_grad():
+            qmodel(torch.zeros(1, 2, dtype=torch.long))  # a kernel that cannot run here fails now, not later
+    except Exception as err:
+        if chosen != "torchao" or card_method != "int8-dynamic":
+            raise
+        fallback = f"torchao failed on this machine ({type(err).__name__}: {str(err).splitlines()[0][:100]})"
+        chosen = "torch.ao"
+        qmodel = _apply(copy.deepcopy(model), card_method, chosen, layers)
+    qmodel.eval()
+    return qmodel, QuantSpec(card_method, chosen, layers, fallback, _storage(card_method, chosen))
+
+
+def _torchao_version() -> str:
+    from importlib.metadata import version
+
+    return version("torchao")
+
+
+def _storage(method: str, backend: str) -> str:
+    bits = "int4 values (one per int8 byte)" if method.startswith("int4") else "int8"
+    zero = "per-channel scales and zero points" if backend == "torch.ao" else "per-row scales"
+    return (f"LAYER.weight.qdata ({bits}) + LAYER.weight.scale ({zero}) in model.safetensors; "
+            f"rebuilt as {backend} modules on load")
+
+
+# ---- quantized weights <-> plain tensors ---------------------------------------------------------------------
+
+
+def _weight_parts(mod: nn.Module, backend: str) -> dict[str, torch.Tensor]:
+    if backend == "torch.ao":
+        w = mod.weight()  # a per-channel quantized tensor
+        return {"qdata": w.int_repr(), "scale": w.q_per_channel_scales(),
+                "zero_point": w.q_per_channel_zero_points()}
+    w = mod.weight  # a torchao tensor subclass: its data tensors are plain tensors
+    names = [*w.tensor_data_names, *getattr(w, "optional_tensor_data_names", [])]
+    assert set(names) <= {*_PARTS, "act_quant_scale", "act_quant_zero_point", "act_pre_scale"}, names
+    return {n: getattr(w, n) for n in names if getattr(w, n, None) is not None}
+
+
+def quantized_state_dict(model: GPT, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Plain tensors for safetensors: fp32 parameters under their usual names, and for each quantized layer
+    LAYER.weight.qdata / .scale (/ .zero_point) and LAYER.bias."""
+    layers = set(spec.layers)
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if name in layers:
+            out.update({f"{name}.weight.{k}": v.detach() for k, v in _weight_parts(mod, spec.backend).items()})
+            bias = mod.bias() if spec.backend == "torch.ao" else mod.bias
+            if bias is not None:
+                out[f"{name}.bias"] = bias.detach()
+        elif not any(name.startswith(layer + ".") for layer in layers):  # torch.ao's packed-params child
+            out.update({f"{name}.{k}" if name else k: p.detach() for k, p in mod.named_parameters(recurse=False)})
+    return out
+
+
+def restore(model: GPT, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> GPT:
+    """Rebuild the quantized model from a fresh fp32 `model` of the right shape and `quantized_state_dict`'s
+    tensors. The quantized modules get exactly the stored integers and scales, so outputs are identical."""
+    from app.registry import TIED_NAME
+
+    is_part = tuple(f".weight.{p}" for p in _PARTS)
+    fp32 = {k: v for k, v in tensors.items() if not k.endswith(is_part)}
+    missing, unexpected = model.load_state_dict(fp32, strict=False)
+    assert not unexpected and set(missing) <= {f"{n}.weight" for n in spec.layers} | {TIED_NAME}, (missing,
+                                                                                                    unexpected)
+    model = _apply(model, spec.method, spec.backend, spec.layers)
+    modules = dict(model.named_modules())
+    for name in spec.layers:
+        mod = modules[name]
+        stored = {p: tensors[f"{name}.weight.{p}"] for p in _PARTS if f"{name}.weight.{p}" in tensors}
+        if spec.backend == "torch.ao":
+            qweight = torch._make_per_channel_quantized_tensor(stored["qdata"], stored["scale"],
+                                                               stored["zero_point"], 0)
+            mod.set_weight_bias(qweight, mod.bias())
+        else:
+            current = _weight_parts(mod, spec.backend)
+            assert current.keys() == stored.keys(), (name, current.keys(), stored.keys())
+            with torch.no_grad():
+                for part, value in stored.items():
+                    current[part].copy_(value)
+    return model.eval()
+
+
+# ---- quantization-aware fine-tuning --------------------------------------------------------------------------
+
+
+def qat_finetune(model: GPT, tokens: np.ndarray, *, steps: int, lr: float = 1e-4, batch_size: int = 8,
+                 seed: int = 0, on_step: Callable[[int, float], None] | None = None) -> tuple[GPT, list[float]]:
+    """Fine-tune a copy of fp32 `model` for `steps` AdamW steps on `tokens` (a training token stream) with torchao
+    fake quantization in every Linear: int8 per-token activations and int8 per-channel weights, the numerics of
+    the int8 dynamic PTQ that follows. Returns the fine-tuned fp32 model (fake quantization removed; pass it to
+    `quantize(..., "int8")`) and the training loss of each step."""
+    from app.data import GlobalOrder, windows
+
+    if steps < 1:
+        raise QuantizeError(f"--steps {steps}: QAT needs at least one training step")
+    if is_quantized(model):
+        raise QuantizeError("the model is already quantized; fine-tune its fp32 parent instead")
+    with _quiet():
+        from torchao.quantization import quantize_
+        from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    model = copy.deepcopy(model)
+    layers = set(linear_layers(model))
+    act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+    weight = IntxFakeQuantizeConfig(torch.int8, "per_channel")
+    with _quiet():
+        quantize_(model, QATConfig(activation_config=act, weight_config=weight, step="prepare"),
+                  filter_fn=lambda mod, fqn: fqn in layers)
+    seq_len = model.cfg.seq_len
+    order = GlobalOrder.for_stream(seed, len(tokens), seq_len)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+    model.train()
+    losses = []
+    for step in range(steps):
+        x, y = windows(tokens, order.batch_ids(step, batch_size), seq_len)
+        _, loss = model(torch.from_numpy(x).long(), torch.from_numpy(y).long())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    with _quiet():
+        quantize_(model, QATConfig(step="convert"), filter_fn=None)  # FakeQuantizedLinear -> nn.Linear
+    assert set(linear_layers(model)) == layers, "convert turns every fake-quantized layer back into nn.Linear"
+    return model, losses

@@ -1,0 +1,123 @@
+"""Quantization: int8 stays close to fp32 and is smaller on disk, quantized artifacts rebuild bit-identically,
+QAT fine-tunes and publishes a loadable model, and impossible requests fail with one clear line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.evaluate import val_loss
+from app.quantize import QuantizeError, qat_finetune, quantize, quantized_state_dict
+from app.registry import Registry, load_artifact, save_artifact
+from tests.unit.tiny_models import tiny_setup
+
+# (method, backend) pairs that run on any CPU; int4 is checked separately because it needs a kernel.
+RUNNABLE = [("int8", "torch.ao"), ("int8", "torchao"), ("int8-weight-only", "torchao")]
+
+
+@pytest.fixture(scope="module")
+def parent():
+    data, artifact = tiny_setup()
+    return data, artifact, load_artifact(artifact)
+
+
+@pytest.fixture(scope="module")
+def batch(parent):
+    data, _, _ = parent
+    from app.data import load_tokens
+
+    stream = torch.from_numpy(load_tokens(data, "val")[: 4 * 64]).long()
+    return stream.view(4, 64)
+
+
+@pytest.mark.parametrize("method,backend", RUNNABLE)
+def test_int8_close_to_fp32_and_smaller(parent, batch, tmp_path, method, backend):
+    """Tolerances: int8 per-channel weights round each weight to within half a step of 1/127 of its row's largest
+    magnitude, and dynamic activation quantization adds a like error per matmul; through 2 blocks and the head
+    that is a fraction of a percent of the logits. Bounds: logits within 1 % (relative L2), validation loss within
+    0.5 % (the issue's goal for a real model is ≤ 2 %). Measured here: 0.09-0.23 % logits, ≤ 0.005 % loss. Top-1
+    tokens are not compared: a 30-step model has near-ties that a 0.2 % nudge flips."""
+    data, _, art = parent
+    qmodel, spec = quantize(art.model, method, backend)
+    assert spec.backend == backend and spec.method == {"int8": "int8-dynamic"}.get(method, method)
+    with torch.no_grad():
+        ref, out = art.model(batch)[0], qmodel(batch)[0]
+    assert not torch.equal(ref, out)  # it really is another model
+    assert ((out - ref).norm() / ref.norm()).item() < 0.01
+
+    from app.data import load_tokens
+
+    stream = load_tokens(data, "val")
+    fp32_loss, _ = val_loss(art.model, stream, batches=2)
+    int8_loss, _ = val_loss(qmodel, stream, batches=2)
+    assert abs(int8_loss - fp32_loss) / fp32_loss < 0.005
+
+    saved = save_artifact(tmp_path / "q", quantized_state_dict(qmodel, spec), art.model.cfg, art.tokenizer,
+                          {"quantization": spec.method, "quantization_config": spec.to_card()})
+    fp32_bytes = art.card["bytes"]
+    int8_bytes = (saved / "model.safetensors").stat().st_size
+    # Embeddings stay fp32 (the tied table is 1/4 of this tiny model); every Linear drops from 4 bytes to ~1.
+    assert int8_bytes < 0.6 * fp32_bytes, (int8_bytes, fp32_bytes)
+
+
+@pytest.mark.parametrize("method,backend", [("fp32", None), *RUNNABLE])
+def test_registry_round_trip_is_identical(parent, batch, tmp_path, method, backend):
+    _, artifact, art = parent
+    reg = Registry(tmp_path / "registry")
+    if method == "fp32":
+        model = art.model
+        reg.publish("m", artifact)
+    else:
+        model, spec = quantize(art.model, method, backend)
+        reg.publish("m", quantized_state_dict(model, spec), model_cfg=art.model.cfg, tokenizer=art.tokenizer,
+                    card={"quantization": spec.method, "quantization_config": spec.to_card()})
+    loaded = reg.load("m")
+    with torch.no_grad():
+        assert torch.equal(model(batch)[0], loaded.model(batch)[0])
+    prompt = batch[:2, :8]
+    assert torch.equal(model.generate(prompt, 16, temperature=0), loaded.model.generate(prompt, 16, temperature=0))
+    assert loaded.card["quantization"] == (None if method == "fp32" else spec.method)
+
+
+def test_quantizing_twice_and_bad_requests_fail_in_one_line(parent):
+    _, _, art = parent
+    qmodel, _ = quantize(art.model, "int8")
+    for call, match in [
+        (lambda: quantize(qmodel, "int8"), "already quantized; quantize its fp32 parent"),
+        (lambda: quantize(art.model, "int3"), "unknown quantization method 'int3'; choose one of int8"),
+        (lambda: quantize(art.model, "int8", "tensorrt"), "unknown backend 'tensorrt'"),
+        (lambda: quantize(art.model, "int8-weight-only", "torch.ao"), "exists only in torchao"),
+    ]:
+        with pytest.raises(QuantizeError, match=match) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+def test_int4_runs_or_names_the_methods_that_do(parent, batch):
+    """torchao 0.18's int4 weight-only kernels need CUDA, mslk or ARM KleidiAI; on a plain x86 CPU the request
+    must fail naming the methods that work instead of crashing inside torchao."""
+    _, _, art = parent
+    try:
+        qmodel, spec = quantize(art.model, "int4")
+    except QuantizeError as err:
+        assert "--method int4" in str(err) and "methods that run here: int8, int8-weight-only, qat" in str(err)
+        assert "\n" not in str(err)
+    else:
+        with torch.no_grad():
+            ref, out = art.model(batch)[0], qmodel(batch)[0]
+        assert spec.method == "int4-weight-only" and ((out - ref).norm() / ref.norm()).item() < 0.15
+
+
+def test_qat_finetune_trains_through_fake_quantization(parent):
+    data, _, art = parent
+    from app.data import load_tokens
+
+    tokens = load_tokens(data, "train")
+    tuned, losses = qat_finetune(art.model, tokens, steps=4, lr=1e-3)
+    assert len(losses) == 4 and all(loss == loss for loss in losses)
+    assert tuned.head.lm_head.weight is tuned.embed.wte.weight  # tying survives prepare/convert
+    assert type(tuned.blocks[0].mlp.c_fc) is torch.nn.Linear  # fake quantization removed again
+    changed = not torch.equal(tuned.blocks[0].mlp.c_fc.weight, art.model.blocks[0].mlp.c_fc.weight)
+    assert changed and torch.equal(art.model.embed.wte.weight, load_artifact(parent[1]).model.embed.wte.weight)
+    with pytest.raises(QuantizeError, match="at least one training step"):
+        qat_finetune(art.model, tokens, steps=0)
