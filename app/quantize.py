@@ -186,7 +186,7 @@ def quantize(model: GPT, method: str, backend: str = "auto") -> tuple[GPT, Quant
         chosen = "torch.ao"
         qmodel = _apply(copy.deepcopy(model), card_method, chosen, layers)
     qmodel.eval()
-    return qmodel, QuantSpec(card_method, chosen, layers, fallback, _storage(card_method, chosen))
+    return qmodel, QuantSpec(card_method, chosen, layers, fallback, _storage(qmodel, chosen, layers[0]))
 
 
 def _torchao_version() -> str:
@@ -195,11 +195,15 @@ def _torchao_version() -> str:
     return version("torchao")
 
 
-def _storage(method: str, backend: str) -> str:
-    bits = "int4 values (one per int8 byte)" if method.startswith("int4") else "int8"
-    zero = "per-channel scales and zero points" if backend == "torch.ao" else "per-row scales"
-    return (f"LAYER.weight.qdata ({bits}) + LAYER.weight.scale ({zero}) in model.safetensors; "
-            f"rebuilt as {backend} modules on load")
+def _storage(qmodel: GPT, backend: str, layer: str) -> str:
+    """How the quantized weights sit in model.safetensors, in words, for the card."""
+    if backend == "torch.ao":
+        return ("LAYER.weight.qdata (int8) + .scale + .zero_point (per output channel) in model.safetensors; "
+                "rebuilt as torch.ao dynamic quantized Linear modules")
+    module = dict(qmodel.named_modules())[layer]
+    weight, parts = module.weight, ", ".join(sorted(_weight_parts(module, backend)))
+    return (f"LAYER.weight.{{{parts}}} (the data tensors of torchao's {type(weight).__name__}, qdata {weight.qdata.dtype}"
+            f") in model.safetensors; rebuilt by quantize_ then filled with the stored values")
 
 
 # ---- quantized weights <-> plain tensors ---------------------------------------------------------------------

@@ -36,16 +36,22 @@ class QuantizeResult:
     card: dict[str, Any] = field(default_factory=dict)
 
     def columns(self) -> list[str]:
-        return ["metric", "fp32", *(["PTQ int8"] if self.ptq else []), self.method if not self.ptq else "QAT int8"]
+        last = "QAT int8" if self.ptq else self.method
+        return ["metric", "fp32", *(["PTQ int8"] if self.ptq else []), last, f"{last} vs fp32"]
 
     def rows(self) -> list[tuple]:
+        """bytes, val loss per domain and tokens/s per batch size for fp32, (PTQ,) the result, and their ratio."""
         results = [self.before, *([self.ptq] if self.ptq else []), self.after]
-        rows = [("bytes on disk", *(r.bytes for r in results))]
-        for d in self.before.val_loss:
-            rows.append((f"val loss {d}", *(round(r.val_loss[d], 4) for r in results)))
-        for b in self.before.tokens_per_s:
-            rows.append((f"tokens/s batch {b}", *(round(r.tokens_per_s[b], 1) for r in results)))
-        rows.append(("backend", "", *([self.backend] if self.ptq else []), self.backend))
+        first, last = self.before, self.after
+        rows = [("bytes on disk", *(r.bytes for r in results),
+                 f"{last.bytes / first.bytes:.2f}×" if first.bytes and last.bytes else "")]
+        for d in first.val_loss:
+            change = (last.val_loss[d] - first.val_loss[d]) / first.val_loss[d]
+            rows.append((f"val loss {d}", *(round(r.val_loss[d], 4) for r in results), f"{change:+.3%}"))
+        for b in first.tokens_per_s:
+            rows.append((f"tokens/s batch {b}", *(round(r.tokens_per_s[b]) for r in results),
+                         f"{last.tokens_per_s[b] / first.tokens_per_s[b]:.2f}×"))
+        rows.append(("backend", "", *([self.backend] if self.ptq else []), self.backend, ""))
         return rows
 
     def _repr_html_(self) -> str:
