@@ -314,6 +314,7 @@ class LMServer:
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lm-{name}")
         self.settings = LiveSettings()
         self.batch_stats = {"batches": 0, "requests": 0, "largest": 0}  # generation batches since start
+        self._draining: set[asyncio.Task] = set()
         self._apply(_validate(LiveSettings, settings or {}, "settings"))
 
     # -- live settings --
@@ -377,8 +378,10 @@ class LMServer:
         """A completion: text, token_ids, prompt/completion token counts, finish_reason, mean_logprob,
         mean_entropy, model. Returns as soon as this request finishes, whatever else is in its batch."""
         seq = self._sequence(req)
-        async for event in self._decode_batch(seq):
+        events = self._decode_batch(seq)
+        async for event in events:
             if event["finish_reason"] is not None:
+                self._drain(events)
                 break
         return seq.result(self.name)
 
@@ -386,10 +389,24 @@ class LMServer:
         """The completion token by token: {"text": new text, "token_id", "finish_reason": None|"stop"|"length"}.
         Text that may be the start of a stop string is held back until it is known not to be."""
         seq = self._sequence(req)
-        async for event in self._decode_batch(seq):
-            yield event
+        events = self._decode_batch(seq)
+        async for event in events:
             if event["finish_reason"] is not None:
+                self._drain(events)
+                yield event
                 break
+            yield event
+
+    def _drain(self, events: AsyncIterator[dict]) -> None:
+        """Read a finished sequence's end-of-stream marker in the background. Serve resolves one more future for
+        it a step later (with StopAsyncIteration); left unread, asyncio would log it as an unretrieved error."""
+        async def drain() -> None:
+            async for _ in events:
+                pass
+
+        task = asyncio.ensure_future(drain())
+        self._draining.add(task)  # a reference, so the task is not garbage-collected mid-way
+        task.add_done_callback(self._draining.discard)
 
     # -- scoring and embedding --
 
