@@ -144,7 +144,27 @@ class CheckpointConfig(StrictModel):
     """When full-state checkpoints are written and how many are kept."""
 
     every_steps: int = Field(ge=0, description="Save every N optimizer steps (0 = only at the end).")
-    every_minutes: float = Field(ge=0.0, description="Also save when this many minutes passed (0 = off).")
+    every_minutes: Union[float, Literal["auto"]] = Field(
+        description="Also save when this many minutes passed (0 = off); 'auto' = the Young–Daly interval "
+        "sqrt(2 × save time × MTBF) from the measured save time and mtbf_minutes (or the observed failure rate)."
+    )
+    mtbf_minutes: float = Field(
+        gt=0.0, description="Expected minutes between failures (spot reclaims) of the whole job, for "
+        "every_minutes=auto; a run that has already restarted more often than this uses its observed rate."
+    )
+
+    @field_validator("every_minutes", mode="before")
+    @classmethod
+    def _minutes_or_auto(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        try:
+            minutes = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("use a number of minutes (0 = off) or 'auto'") from None
+        if minutes < 0:
+            raise ValueError("use a number of minutes >= 0 (0 = off) or 'auto'")
+        return minutes
     keep: int = Field(ge=1, description="Number of most recent complete checkpoints kept on storage.")
 
 

@@ -52,6 +52,13 @@ def young_daly_interval(save_seconds: float, mtbf_seconds: float) -> float:
     return math.sqrt(2.0 * save_seconds * mtbf_seconds)
 
 
+def auto_checkpoint_interval(save_seconds: float | None, step_seconds: float, mtbf_seconds: float) -> float:
+    """Seconds between checkpoints for `checkpoint.every_minutes: auto`: Young–Daly from the measured save time.
+    Before a save has been measured, ten step times stand in for it (a full-state save on one machine)."""
+    measured = save_seconds if save_seconds and save_seconds > 0 else 10.0 * step_seconds
+    return young_daly_interval(max(measured, 1e-3), mtbf_seconds)
+
+
 def expected_goodput(
     checkpoint_interval_s: float, save_seconds: float, restart_seconds: float, failures_per_hour: float
 ) -> float:

@@ -93,6 +93,10 @@ def _progress_board_cls():
             for k, v in ledger.items():
                 self.ledger[k] = self.ledger.get(k, 0.0) + v
 
+        def started(self) -> list[float]:
+            """Start times of the worker groups so far (a restart count and an observed failure rate)."""
+            return [a["time"] for a in self.attempts]
+
         def snapshot(self, since: int = 0) -> tuple[list[dict], list[dict], dict[str, float]]:
             return self.records[since:], self.attempts, dict(self.ledger)
 
@@ -245,7 +249,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from app.data import GlobalOrder, load_tokens
     from app.distill import kd_loss
-    from app.metrics import matmul_peak_flops, mfu, straggler_ratio
+    from app.metrics import RayTrainMetrics, matmul_peak_flops, mfu, straggler_ratio
     from app.parallel import resolve_precision
 
     t_begin = time.perf_counter()
@@ -303,8 +307,11 @@ def train_loop_per_worker(config: dict) -> None:
         board.attempt.remote(world, start_step, found.state["dp"] if found else None, conversion_s, len(stream))
     board.worker.remote(rank, os.getpid(), ray.get_runtime_context().get_node_id())
 
+    mtbf_s = _mtbf_seconds(cfg, ray.get(board.started.remote())) if rank == 0 else 0.0
     ledger = {"startup": time.perf_counter() - t_begin - restore_s, "restore": restore_s}
-    last_save = time.monotonic()
+    last_save = last_report = time.monotonic()
+    report_gap_s = 2 * cfg.elastic.health_check_interval_s
+    gauges = RayTrainMetrics(cfg.name) if rank == 0 else None
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
     jit_saved, last_save_s = False, 0.0
     for step in range(start_step, end):
@@ -337,12 +344,17 @@ def train_loop_per_worker(config: dict) -> None:
         # One small all-gather per step: the global mean loss, per-rank step times (stragglers), and rank 0's
         # wall-clock decisions (a timed checkpoint; winding down before a preemption deadline), so every rank
         # takes the same branch below.
-        every_min = cfg.checkpoint.every_minutes
-        time_says_save = float(bool(every_min) and time.monotonic() - last_save >= every_min * 60)
+        interval_s = _checkpoint_interval_s(cfg, last_save_s, step_time, mtbf_s)
+        time_says_save = float(interval_s is not None and time.monotonic() - last_save >= interval_s)
         wind_down = float(notice is not None and _must_wind_down(notice, step_time, last_save_s))
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         kl_now = train_kl if not pipelined else 0.0
-        mine = torch.tensor([loss, step_time, time_says_save, rss_mb, wind_down, kl_now], dtype=torch.float64)
+        # ray.train.report blocks until Ray Train's controller has taken the previous report, which it polls once
+        # per health-check interval (~0.9 s per report measured when reporting every few steps): report at most
+        # once per two intervals so a report never waits. Every step still reaches the board and the gauges.
+        time_says_report = float(done % cfg.log_every == 0 and time.monotonic() - last_report >= report_gap_s)
+        mine = torch.tensor([loss, step_time, time_says_save, rss_mb, wind_down, kl_now, time_says_report],
+                            dtype=torch.float64)
         gathered = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)
         table = torch.stack(gathered)
@@ -368,7 +380,7 @@ def train_loop_per_worker(config: dict) -> None:
             "max_rss_mb": float(table[:, 3].max()),
             "sample_ids": sample_ids,
             **({"kl": float(table[:, 5].mean()), "val_kl": val_kl} if teacher is not None else {}),
-            "world_size": world, "time": time.time(),
+            "world_size": world, "time": time.time(), "checkpoint_interval_s": interval_s if rank == 0 else None,
         }
         ledger["productive"] = ledger.get("productive", 0.0) + step_time
         record["checkpoint"] = ("final-before-deadline" if winding_down else "just-in-time" if notice is not None
@@ -377,15 +389,38 @@ def train_loop_per_worker(config: dict) -> None:
             t0 = time.perf_counter()
             _save_checkpoint(engine, cfg, plan, done, config, record, fs, run_path, rank)
             last_save, last_save_s = time.monotonic(), time.perf_counter() - t0
+            last_report = last_save
             ledger["checkpoint"] = ledger.get("checkpoint", 0.0) + last_save_s
-        elif done % cfg.log_every == 0:
+        elif bool(table[0, 6]):
             ray.train.report(record)
+            last_report = time.monotonic()
         if rank == 0:
             board.log.remote(record, ledger)
+            gauges.set(record)
         ledger = {}
         if winding_down and not last:
             _await_teardown(notice)
             jit_saved = False  # the node survived its deadline: a later notice gets its own checkpoints
+
+
+def _mtbf_seconds(cfg: TrainConfig, earlier_starts: list[float]) -> float:
+    """Mean time between failures for every_minutes=auto: the configured one, or the run's own observed one when
+    it has restarted more often (earlier_starts: start times of the worker groups before this one)."""
+    configured = cfg.checkpoint.mtbf_minutes * 60
+    if not earlier_starts:
+        return configured
+    observed = (time.time() - earlier_starts[0]) / len(earlier_starts)
+    return min(configured, max(observed, 1.0))
+
+
+def _checkpoint_interval_s(cfg: TrainConfig, last_save_s: float, step_s: float, mtbf_s: float) -> float | None:
+    """Seconds between timed checkpoints (None = no timed ones); rank 0's value decides for every rank."""
+    every = cfg.checkpoint.every_minutes
+    if every == "auto":
+        from app.costs import auto_checkpoint_interval
+
+        return auto_checkpoint_interval(last_save_s, step_s, mtbf_s) if mtbf_s else None
+    return every * 60 if every else None
 
 
 def _must_wind_down(notice, step_time: float, save_s: float, margin_s: float = 1.0) -> bool:
@@ -483,8 +518,14 @@ def _save_checkpoint(engine, cfg: TrainConfig, plan, done: int, config: dict, me
 # Driver side
 
 
+RESERVED_RUN_NAMES = ("registry", "data")  # folders of their own under the default storage
+
+
 def validate(cfg: TrainConfig) -> list[int]:
     """Everything that can be refused before a worker starts; returns the accepted world sizes."""
+    if cfg.name in RESERVED_RUN_NAMES:
+        raise ConfigError(f"run name '{cfg.name}' is reserved (storage/{cfg.name} holds the {cfg.name}); "
+                          "pass another --run-name")
     p = cfg.parallel
     check_parallel_settings(p.zero_stage, p.pipeline_stages, cfg.model.n_layer, p.offload_optimizer)
     lo, hi = parse_workers(p.workers)
@@ -652,7 +693,7 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True)
     ledger = GoodputLedger({**GoodputLedger().seconds, **ledger_s})
     ledger.seconds["productive"] -= lost_s  # steps computed twice count once
     ledger.add("lost", lost_s)
-    artifact = _export(fs, run_path, cfg, data_dir, history, teacher_card)
+    artifact = _export(fs, run_path, cfg, data_dir, history, teacher_card, storage)
     summary = _summary(cfg, history, attempts, ledger, wall_s, flops_per_token, lost_steps)
     _write_run_files(fs, run_path, summary, history)
     return TrainResult(run_dir=f"{storage}/{cfg.name}" if "://" in storage else run_path, summary=summary,
@@ -715,13 +756,19 @@ def _distill_summary(cfg: TrainConfig, history) -> dict[str, Any]:
             "final_val_kl": float(val_kl.iloc[-1]) if len(val_kl) else None, "domains": cfg.data.domains}
 
 
-def _export(fs, run_path: str, cfg: TrainConfig, data_dir: Path, history, teacher_card: dict | None = None
-            ) -> str | None:
-    """Consolidate the final checkpoint into fp32 weights and write a registry artifact next to it."""
+def _export(fs, run_path: str, cfg: TrainConfig, data_dir: Path, history, teacher_card: dict | None = None,
+            storage: str | None = None) -> str | None:
+    """Consolidate the final checkpoint into fp32 weights, measure the model card's fields (validation loss per
+    domain, tokens/s at batch 1 and 16 on this machine), write the artifact next to the checkpoints and publish it
+    in the registry ($SCALESTACK_REGISTRY, else STORAGE/registry) under the run's name."""
+    import os
+
     import pyarrow.fs as pafs
     import ray.train
 
-    from app.registry import save_artifact
+    from app.evaluate import card_metrics
+    from app.model import GPT
+    from app.registry import ROOT_ENV, TIED_NAME, Registry, save_artifact
     from app.tokenizer import Tokenizer
 
     found = latest_complete(fs, run_path)
@@ -740,12 +787,24 @@ def _export(fs, run_path: str, cfg: TrainConfig, data_dir: Path, history, teache
     with ray.train.Checkpoint(found.path, fs).as_directory() as local:
         state = consolidated_state_dict(local, found.state["zero_stage"], found.state["pipeline_stages"],
                                         cfg.model.n_layer)
+    tokenizer = Tokenizer.load(data_dir)
+    model = GPT(cfg.model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert set(missing) <= {TIED_NAME} and not unexpected, (missing, unexpected)
+    card.update(card_metrics(model, tokenizer, data_dir, batches=4))
     target = f"{run_path}/artifact"
-    if isinstance(fs, pafs.LocalFileSystem):
-        return str(save_artifact(target, state, cfg.model, Tokenizer.load(data_dir), card))
     with tempfile.TemporaryDirectory() as tmp:
-        save_artifact(tmp, state, cfg.model, Tokenizer.load(data_dir), card)
-        pafs.copy_files(tmp, target, destination_filesystem=fs)
+        local_artifact = save_artifact(f"{tmp}/artifact", state, cfg.model, tokenizer, card)
+        if isinstance(fs, pafs.LocalFileSystem):
+            import shutil
+
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(local_artifact, target)
+        else:
+            pafs.copy_files(str(local_artifact), target, destination_filesystem=fs)
+        if storage is not None:
+            Registry(os.environ.get(ROOT_ENV) or f"{storage}/registry").publish(cfg.name, local_artifact,
+                                                                                overwrite=True)
     return target
 
 

@@ -4,6 +4,7 @@ Two corpora (stdlib = "code", pydoc = "docs") so that a specialist has something
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -75,6 +76,13 @@ def test_distilled_artifact_records_its_lineage(specialist, teacher):
     assert card["lineage"]["teacher"] == teacher.artifact
     assert card["lineage"]["teacher_source_run"] == "teacher"
     assert card["lineage"]["alpha"] == 0.9 and card["domains"] == ["code"]
+    # measured on export, and published in the registry beside the runs under the run's name
+    assert set(card["val_loss_per_domain"]) == {"code", "docs"} and card["tokens_per_s"]["batch_16"] > 0
+    from app.registry import Registry
+
+    registry = Registry(f"{Path(specialist.run_dir).parent}/registry")
+    assert {"teacher", "tiny-code-specialist"} <= set(registry.names())
+    assert registry.card("tiny-code-specialist")["lineage"]["teacher"] == teacher.artifact
     student_params = GPT(load_config("tiny", STUDENT).model).num_params(non_embedding=True)
     teacher_params = GPT(load_config("tiny").model).num_params(non_embedding=True)
     assert student_params < 0.25 * teacher_params

@@ -189,3 +189,19 @@ def test_universal_conversion_preserves_gathered_weights(zero2, storage, tmp_pat
             assert torch.equal(tensor, gathered["embed.wte.weight"])
             continue
         assert (universal / "zero" / name / "exp_avg.pt").is_file() and (universal / "zero" / name / "exp_avg_sq.pt").is_file()
+
+
+@pytest.mark.slow
+def test_auto_checkpoint_interval_follows_young_daly(tiny_data, storage):
+    # An MTBF of 0.6 s makes the Young–Daly interval sqrt(2 × save × 0.6 s) shorter than a few steps: the run must
+    # checkpoint on its own, with no step- or minute-based saves configured.
+    mtbf_s = 0.6
+    result = train.run(_cfg(tiny_data, storage, "auto", "checkpoint.every_steps=0", "checkpoint.every_minutes=auto",
+                            f"checkpoint.mtbf_minutes={mtbf_s / 60}", "parallel.workers=1", "steps=30"))
+    h = result.history
+    timed = h[h["checkpoint"] == "periodic"]
+    assert len(timed) >= 3, h[["step", "checkpoint", "checkpoint_interval_s"]]  # the final save and 2+ timed ones
+    intervals = h["checkpoint_interval_s"].to_numpy()
+    assert np.all(intervals > 0)
+    implied_save_s = intervals[timed.index[0] + 1:] ** 2 / (2 * mtbf_s)  # once a save was measured
+    assert np.all((implied_save_s > 0.001) & (implied_save_s < 30))

@@ -179,3 +179,29 @@ def test_planner_errors_are_one_line_and_name_the_fix():
         costs.plan_training(fit, compute_flops=1e20, spot=True, preemptions_per_hour=50.0, **PLAN)
     with pytest.raises(ValueError, match="budget_usd must be > 0"):
         costs.plan_training(fit, budget_usd=-1.0, **PLAN)
+
+
+def test_auto_checkpoint_interval_is_young_daly_of_the_measured_save():
+    from app.costs import auto_checkpoint_interval
+
+    assert auto_checkpoint_interval(2.0, 0.5, 3600.0) == pytest.approx(math.sqrt(2 * 2.0 * 3600))
+    # no save measured yet: ten step times stand in for the save time
+    assert auto_checkpoint_interval(None, 0.5, 3600.0) == pytest.approx(math.sqrt(2 * 5.0 * 3600))
+    assert auto_checkpoint_interval(0.0, 0.5, 3600.0) == pytest.approx(math.sqrt(2 * 5.0 * 3600))
+
+
+def test_trainer_picks_auto_interval_from_configured_or_observed_failure_rate():
+    import time
+
+    from app.config import load_config
+    from pipelines.train import _checkpoint_interval_s, _mtbf_seconds
+
+    cfg = load_config("tiny", ["checkpoint.every_minutes=auto", "checkpoint.mtbf_minutes=60"])
+    assert _mtbf_seconds(cfg, []) == 3600
+    now = time.time()
+    assert _mtbf_seconds(cfg, [now - 600, now - 300]) == pytest.approx(300, abs=2)  # two restarts in 10 minutes
+    assert _mtbf_seconds(cfg, [now - 7200 * 3]) == 3600  # rarer than configured: keep the configured rate
+    assert _checkpoint_interval_s(cfg, 1.5, 0.1, 3600) == pytest.approx(math.sqrt(2 * 1.5 * 3600))
+    fixed = load_config("tiny", ["checkpoint.every_minutes=2"])
+    assert _checkpoint_interval_s(fixed, 1.5, 0.1, 3600) == 120
+    assert _checkpoint_interval_s(load_config("tiny"), 1.5, 0.1, 3600) is None
