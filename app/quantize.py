@@ -268,11 +268,15 @@ def restore(model: GPT, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> GP
 
 
 def qat_finetune(model: GPT, tokens: np.ndarray, *, steps: int, lr: float = 1e-4, batch_size: int = 8,
-                 seed: int = 0, on_step: Callable[[int, float], None] | None = None) -> tuple[GPT, list[float]]:
+                 seed: int = 0, fake_quant: bool = True,
+                 on_step: Callable[[int, float], None] | None = None) -> tuple[GPT, list[float]]:
     """Fine-tune a copy of fp32 `model` for `steps` AdamW steps on `tokens` (a training token stream) with torchao
     fake quantization in every Linear: int8 per-token activations and int8 per-channel weights, the numerics of
     the int8 dynamic PTQ that follows. Returns the fine-tuned fp32 model (fake quantization removed; pass it to
-    `quantize(..., "int8")`) and the training loss of each step."""
+    `quantize(..., "int8")`) and the training loss of each step.
+
+    fake_quant=False runs the same steps on the same samples without fake quantization: the control that tells
+    what QAT adds beyond the extra training."""
     from app.data import GlobalOrder, windows
 
     if steps < 1:
@@ -285,11 +289,12 @@ def qat_finetune(model: GPT, tokens: np.ndarray, *, steps: int, lr: float = 1e-4
 
     model = copy.deepcopy(model)
     layers = set(linear_layers(model))
-    act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
-    weight = IntxFakeQuantizeConfig(torch.int8, "per_channel")
-    with _quiet():
-        quantize_(model, QATConfig(activation_config=act, weight_config=weight, step="prepare"),
-                  filter_fn=lambda mod, fqn: fqn in layers)
+    if fake_quant:
+        act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
+        weight = IntxFakeQuantizeConfig(torch.int8, "per_channel")
+        with _quiet():
+            quantize_(model, QATConfig(activation_config=act, weight_config=weight, step="prepare"),
+                      filter_fn=lambda mod, fqn: fqn in layers)
     seq_len = model.cfg.seq_len
     order = GlobalOrder.for_stream(seed, len(tokens), seq_len)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -308,7 +313,8 @@ def qat_finetune(model: GPT, tokens: np.ndarray, *, steps: int, lr: float = 1e-4
         if on_step is not None:
             on_step(step, losses[-1])
     model.eval()
-    with _quiet():
-        quantize_(model, QATConfig(step="convert"), filter_fn=None)  # FakeQuantizedLinear -> nn.Linear
+    if fake_quant:
+        with _quiet():
+            quantize_(model, QATConfig(step="convert"), filter_fn=None)  # FakeQuantizedLinear -> nn.Linear
     assert set(linear_layers(model)) == layers, "convert turns every fake-quantized layer back into nn.Linear"
     return model, losses

@@ -21,8 +21,8 @@ from app.registry import CARD, Artifact, Registry, load_artifact, machine
 
 @dataclass(frozen=True)
 class QuantizeResult:
-    """A quantized model in the registry and its measurements next to its fp32 parent's (and, for QAT, next to
-    plain PTQ of the same parent)."""
+    """A quantized model in the registry and its measurements next to its fp32 parent's; for QAT also next to
+    plain PTQ of the parent and to PTQ after the same fine-tuning without fake quantization (the control)."""
 
     name: str
     path: str
@@ -31,17 +31,18 @@ class QuantizeResult:
     fallback: str | None
     before: EvalResult
     after: EvalResult
-    ptq: EvalResult | None = None  # QAT only: the parent quantized without fine-tuning, for comparison
+    compared: dict[str, EvalResult] = field(default_factory=dict)  # QAT only: label -> result, in column order
     qat_losses: list[float] = field(default_factory=list)
     card: dict[str, Any] = field(default_factory=dict)
 
     def columns(self) -> list[str]:
-        last = "QAT int8" if self.ptq else self.method
-        return ["metric", "fp32", *(["PTQ int8"] if self.ptq else []), last, f"{last} vs fp32"]
+        last = "QAT int8" if self.method == "qat" else self.method
+        return ["metric", "fp32", *self.compared, last, f"{last} vs fp32"]
 
     def rows(self) -> list[tuple]:
-        """bytes, val loss per domain and tokens/s per batch size for fp32, (PTQ,) the result, and their ratio."""
-        results = [self.before, *([self.ptq] if self.ptq else []), self.after]
+        """bytes, val loss per domain and tokens/s per batch size for fp32, (the QAT comparisons,) the result, and
+        the result's ratio to fp32."""
+        results = [self.before, *self.compared.values(), self.after]
         first, last = self.before, self.after
         rows = [("bytes on disk", *(r.bytes for r in results),
                  f"{last.bytes / first.bytes:.2f}×" if first.bytes and last.bytes else "")]
@@ -51,7 +52,7 @@ class QuantizeResult:
         for b in first.tokens_per_s:
             rows.append((f"tokens/s batch {b}", *(round(r.tokens_per_s[b]) for r in results),
                          f"{last.tokens_per_s[b] / first.tokens_per_s[b]:.2f}×"))
-        rows.append(("backend", "", *([self.backend] if self.ptq else []), self.backend, ""))
+        rows.append(("backend", "", *([self.backend] * len(self.compared)), self.backend, ""))
         return rows
 
     def _repr_html_(self) -> str:
@@ -104,15 +105,23 @@ def run(model: str, method: str = "int8", *, name: str | None = None, registry: 
     before = _eval(parent.model, parent.tokenizer, data, batches, f"{parent_name} fp32", params,
                    parent.card.get("bytes"), None)
 
-    ptq_result, losses, source = None, [], parent.model
+    compared, losses, source = {}, [], parent.model
     if method == "qat":
-        ptq_model, ptq_spec = quantize(parent.model, "int8", backend)
-        ptq_result = _eval(ptq_model, parent.tokenizer, data, batches, f"{parent_name} PTQ", params, None,
-                           ptq_spec.method)
         tokens = load_tokens(data, "train")
-        with progress_bar("QAT fine-tuning", steps) as bar:
-            source, losses = qat_finetune(parent.model, tokens, steps=steps, lr=lr, batch_size=batch_size,
-                                          on_step=lambda s, loss: (bar.advance(), bar.update(status=f"loss {loss:.3f}")))
+        ptq_model, ptq_spec = quantize(parent.model, "int8", backend)
+        compared["PTQ int8"] = _eval(ptq_model, parent.tokenizer, data, batches, f"{parent_name} PTQ", params, None,
+                                     ptq_spec.method)
+        for label, fake_quant in (("fine-tune + PTQ", False), ("QAT", True)):
+            with progress_bar(f"{label} fine-tuning", steps) as bar:
+                tuned, tuned_losses = qat_finetune(
+                    parent.model, tokens, steps=steps, lr=lr, batch_size=batch_size, fake_quant=fake_quant,
+                    on_step=lambda s, loss: (bar.advance(), bar.update(status=f"loss {loss:.3f}")))
+            if fake_quant:
+                source, losses = tuned, tuned_losses
+            else:  # the control: the same steps and samples without fake quantization, then the same PTQ
+                control, control_spec = quantize(tuned, "int8", backend)
+                compared["fine-tune + PTQ"] = _eval(control, parent.tokenizer, data, batches, f"{parent_name} control",
+                                                    params, None, control_spec.method)
     qmodel, spec = quantize(source, "int8" if method == "qat" else method, backend)
     after = _eval(qmodel, parent.tokenizer, data, batches, name, params, None, spec.method)
 
@@ -134,10 +143,10 @@ def run(model: str, method: str = "int8", *, name: str | None = None, registry: 
                        tokenizer=parent.tokenizer, card=card, overwrite=overwrite)
     final_card = reg.card(name)
     after = EvalResult(**{**after.__dict__, "bytes": final_card["bytes"]})
-    if ptq_result is not None:  # PTQ's file would be the same size: same layers, same int8 layout
-        ptq_result = EvalResult(**{**ptq_result.__dict__, "bytes": final_card["bytes"]})
+    # The comparison models are not saved; theirs would be the same size (same layers, same int8 layout).
+    compared = {k: EvalResult(**{**r.__dict__, "bytes": final_card["bytes"]}) for k, r in compared.items()}
     return QuantizeResult(name=name, path=path, method=method, backend=spec.backend, fallback=spec.fallback,
-                          before=before, after=after, ptq=ptq_result, qat_losses=losses, card=final_card)
+                          before=before, after=after, compared=compared, qat_losses=losses, card=final_card)
 
 
 def main(argv=None) -> int:

@@ -126,7 +126,10 @@ def test_quantized_artifact_evaluates_like_the_run_that_made_it(quantized):
         assert again.val_loss == result.after.val_loss
     card = Registry(root).card("tiny-qat")
     assert card["quantization"] == "int8-dynamic" and card["quantization_config"]["qat"]["steps"] == 3
-    assert qat.ptq is not None and qat.ptq.val_loss != qat.after.val_loss  # QAT's weights moved
+    assert list(qat.compared) == ["PTQ int8", "fine-tune + PTQ"]
+    assert len({str(r.val_loss) for r in (*qat.compared.values(), qat.after)}) == 3  # three different models
+    assert qat.columns() == ["metric", "fp32", "PTQ int8", "fine-tune + PTQ", "QAT int8", "QAT int8 vs fp32"]
+    assert all(len(row) == 6 for row in qat.rows())
 
 
 def test_cli_models_quantize_and_eval(quantized):
