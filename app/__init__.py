@@ -6,6 +6,7 @@ no Ray and loads no torch.
 
 from app.sdk import (
     ModelInfo,
+    deploy,
     distill,
     evaluate,
     fit,
@@ -21,5 +22,5 @@ from app.sdk import (
     train,
 )
 
-__all__ = ["ModelInfo", "distill", "evaluate", "fit", "fit_report", "info", "load_config", "load_fit", "models",
-           "plan", "prepare_data", "quantize", "sweep", "train"]
+__all__ = ["ModelInfo", "deploy", "distill", "evaluate", "fit", "fit_report", "info", "load_config", "load_fit",
+           "models", "plan", "prepare_data", "quantize", "sweep", "train"]

@@ -453,6 +453,47 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve ---------------------------------------------------------------------------------------------------
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML: serve_deployments/serve_config.yaml (Serve's format) or ServeArgs fields")
+    p.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=ARTIFACT",
+                   help="serve an artifact folder or registry name as NAME (repeatable; adds to --config)")
+    p.add_argument("--host", help="HTTP bind address (default 127.0.0.1; anything else requires API keys)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for embedded Ray (default: all)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    from app import sdk
+    from app.console import print_table
+    from serve_deployments.app import curl_example, load_serve_args
+    from serve_deployments.guard import is_loopback
+
+    serve_args = load_serve_args(args.config, args.models, args.host, args.port)
+    client = sdk.deploy(serve_args, num_cpus=args.num_cpus)
+    try:
+        rows = [(m["id"], m["scalestack"].get("parameters"), m["scalestack"].get("quantization"),
+                 m["scalestack"].get("max_batch_size"))
+                for m in client.models() if m["id"] != "auto"] if is_loopback(serve_args.host) else []
+        if rows:
+            print_table("models", ["name", "parameters", "quantization", "max batch"], rows)
+        print(f"serving on {client.base_url} (OpenAI-compatible: /v1/completions, /v1/chat/completions, /v1/models)")
+        print(curl_example(client, needs_key=not is_loopback(serve_args.host)))
+        print("Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.shutdown()
+        print("stopped: Serve shut down", file=sys.stderr)
+    return 0
+
+
 # ---- the table -----------------------------------------------------------------------------------------------
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -475,6 +516,8 @@ COMMANDS: dict[str, Command] = {
     "eval": ("validation loss and perplexity per domain, generation tokens/s and size of a model", _eval_args,
              _eval),
     "models": ("the model registry: list, show NAME, publish PATH --name NAME", _models_args, _models),
+    "serve": ("serve models behind the OpenAI-compatible router on Ray Serve; prints the URL, Ctrl-C stops",
+              _serve_args, _serve),
 }
 
 

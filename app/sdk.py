@@ -21,7 +21,7 @@ from app.console import html_table
 from app.parallel import memory_estimate
 
 __all__ = ["load_config", "prepare_data", "info", "train", "ModelInfo", "sweep", "fit", "fit_report", "load_fit",
-           "plan", "quantize", "evaluate", "models"]
+           "plan", "quantize", "evaluate", "models", "deploy"]
 
 
 def prepare_data(
@@ -325,3 +325,40 @@ def models(registry: str | None = None):
 
     reg = Registry(registry)
     return ModelList(reg.root, reg.list())
+
+
+# ---- serving -------------------------------------------------------------------------------------------------
+
+
+def deploy(config=None, *, models=None, host: str | None = None, port: int | None = None,
+           num_cpus: int | None = None, wait_s: float = 120.0):
+    """Serve models behind the router on embedded Ray (or the cluster at RAY_ADDRESS) and return a `ServeClient`
+    (`.base_url`, `.complete(prompt, **kw)`, `.chat(messages, **kw)`, `.models()`, `.shutdown()`).
+
+    `config`: a YAML file (serve_deployments/serve_config.yaml or plain ServeArgs fields), a dict or a ServeArgs;
+    `models`: {name: artifact folder or registry name} (or NAME=ARTIFACT strings) added on top. HTTP listens on
+    `host` (default 127.0.0.1; anything else requires API keys) and `port` (default 8000)."""
+    import os
+
+    import ray
+
+    from serve_deployments import app as serving
+
+    args = serving.load_serve_args(config, models, host, port)
+    application = serving.build_app(args)  # config and artifact mistakes fail here, before Ray starts
+    started = not ray.is_initialized()
+    if started:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"])
+        else:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                     log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
+    try:
+        client = serving.start(args, application, wait_s=wait_s)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    client.stop_ray = started
+    return client

@@ -1,0 +1,285 @@
+"""The serving application: typed ServeArgs → build_app → the Router over one LMServer deployment per model; plus
+the start-up used by `python -m app serve` / `app.deploy(...)` and the small HTTP client they return.
+
+    serve run serve_deployments/serve_config.yaml                 # Serve's own CLI (import_path: ...:build_app)
+    python -m app serve --model teacher=runs/demo/artifact        # embedded Ray, prints the URL, Ctrl-C stops
+    client = app.deploy(models={"teacher": "runs/demo/artifact"}); client.complete("def f(x):")
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from app.errors import ConfigError, UserError
+
+APP_NAME = "scalestack"
+LOOPBACK = "127.0.0.1"
+
+
+class ModelDeployment(BaseModel):
+    """One LMServer deployment: which artifact it serves under which name, and how it scales."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                      description="Deployment name; clients ask for it as the request's `model`.")
+    artifact: str = Field(min_length=1, description="An artifact folder or a registry name.")
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count (default 1 without autoscaling).")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests, ...).")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most requests one replica decodes together.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=5, description="Seconds a batch waits to fill up.")
+    max_tokens_limit: int | None = Field(None, ge=1, description="Largest max_tokens (default: the context).")
+    max_ongoing_requests: int | None = Field(None, ge=1,
+                                             description="Requests in flight per replica (default 4 × batch).")
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1},
+                                              description="Resources per replica; num_cpus also sets torch threads.")
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> ModelDeployment:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("give num_replicas or autoscaling_config, not both")
+        return self
+
+    def settings(self) -> dict:
+        """The LMServer's `settings` argument (its LiveSettings)."""
+        out = {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
+        return out if self.max_tokens_limit is None else {**out, "max_tokens_limit": self.max_tokens_limit}
+
+
+class ServeArgs(BaseModel):
+    """Everything `build_app` needs: the models, the router's settings (RouterSettings), where HTTP listens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelDeployment] = Field(min_length=1, description="LMServer deployments, first = default.")
+    router: dict[str, Any] = Field(default_factory=dict, description="RouterSettings: policy, cache, guard, ...")
+    router_ray_actor_options: dict[str, Any] | None = Field(None, description="Resources of the router replica.")
+    host: str = Field(LOOPBACK, description="HTTP bind address; anything but loopback requires API keys.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ServeArgs:
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+
+def parse_args(args: ServeArgs | dict | None) -> ServeArgs:
+    """Validate `args` once, at the edge: a pydantic error becomes one ConfigError line naming the field."""
+    if isinstance(args, ServeArgs):
+        return args
+    try:
+        return ServeArgs.model_validate(args or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "args"
+        raise ConfigError(f"serve args {loc}: {first['msg']} (got {first.get('input')!r:.80})") from None
+
+
+def resolve_artifact(ref: str) -> str:
+    """An artifact folder as an absolute path (replicas need not share the caller's working directory); a name
+    in a local registry likewise becomes its folder. Names in a remote registry (URI) pass through unchanged and
+    replicas look them up in $SCALESTACK_REGISTRY."""
+    from app.registry import CARD, Registry
+
+    path = Path(ref).expanduser()
+    if (path / CARD).is_file():
+        return str(path.resolve())
+    registry = Registry()
+    if "://" in registry.root:
+        return ref
+    folder = Path(registry.root).resolve() / ref
+    if (folder / CARD).is_file():
+        return str(folder)
+    raise ConfigError(f"artifact '{ref}': not an artifact folder and not a name in the registry {registry.root}; "
+                      "pass runs/<run>/artifact or a name from `python -m app models list`")
+
+
+def build_app(args: ServeArgs | dict):
+    """The Serve application: Router.bind({name: LMServer deployment, ...}, router settings).
+
+    Import path for `serve run` / `serve deploy`: serve_deployments.app:build_app (args = ServeArgs fields).
+    """
+    from serve_deployments.lm_server import LMServer, LiveSettings, _validate
+    from serve_deployments.router import Router, validate_settings
+
+    args = parse_args(args)
+    router = dict(args.router)
+    # The guard needs keys whenever the server is reachable from elsewhere, so it must know the bind address.
+    router["guard"] = {"bind_host": args.host, **router.get("guard", {})}
+    validate_settings(router)
+    models = {}
+    for m in args.models:
+        _validate(LiveSettings, m.settings(), f"models.{m.name}")
+        scaling = ({"autoscaling_config": m.autoscaling_config} if m.autoscaling_config is not None
+                   else {"num_replicas": m.num_replicas or 1})
+        models[m.name] = LMServer.options(
+            name=m.name, ray_actor_options=m.ray_actor_options,
+            max_ongoing_requests=m.max_ongoing_requests or 4 * m.max_batch_size, **scaling,
+        ).bind(resolve_artifact(m.artifact), m.name, m.settings())
+    options = {} if args.router_ray_actor_options is None else {"ray_actor_options": args.router_ray_actor_options}
+    return Router.options(**options).bind(models, router)
+
+
+# ---- config files: ServeArgs YAML, or Serve's own config (serve_config.yaml) ---------------------------------
+
+
+def load_serve_args(config: str | Path | dict | ServeArgs | None = None,
+                    models: list[str] | dict[str, str] | None = None,
+                    host: str | None = None, port: int | None = None) -> ServeArgs:
+    """ServeArgs from `config` — a YAML file (plain ServeArgs fields, or a Serve config whose first application's
+    `args` are, with host/port from its http_options), a dict or a ServeArgs — then `models` (NAME=ARTIFACT
+    strings or a dict: replaces the artifact of a model of that name, else adds one) and host/port on top."""
+    raw: dict[str, Any] = {}
+    if isinstance(config, ServeArgs):
+        raw = config.model_dump(exclude_unset=True)
+    elif isinstance(config, dict):
+        raw = dict(config)
+    elif config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file; pass a YAML like serve_deployments/serve_config.yaml")
+        doc = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(doc, dict):
+            raise ConfigError(f"--config {path}: expected a YAML mapping")
+        if "applications" in doc:
+            apps = doc["applications"] or [{}]
+            raw = dict(apps[0].get("args") or {})
+            http = doc.get("http_options") or {}
+            raw.setdefault("host", http.get("host", LOOPBACK))
+            raw.setdefault("port", http.get("port", 8000))
+        else:
+            raw = dict(doc)
+    pairs = models.items() if isinstance(models, dict) else [_name_artifact(s) for s in models or []]
+    listed = [dict(m) for m in raw.get("models") or []]
+    for name, artifact in pairs:
+        same = [m for m in listed if m.get("name") == name]
+        if same:
+            same[0]["artifact"] = artifact
+        else:
+            listed.append({"name": name, "artifact": artifact, "ray_actor_options": {"num_cpus": 1}})
+    raw["models"] = listed
+    if not listed:
+        raise ConfigError("no models to serve: pass --model NAME=ARTIFACT (repeatable) or --config FILE")
+    if host is not None:
+        raw["host"] = host
+    if port is not None:
+        raw["port"] = port
+    return parse_args(raw)
+
+
+def _name_artifact(text: str) -> tuple[str, str]:
+    name, sep, artifact = text.partition("=")
+    if not sep or not name or not artifact:
+        raise ConfigError(f"--model {text!r}: expected NAME=ARTIFACT, e.g. teacher=runs/demo/artifact")
+    return name, artifact
+
+
+# ---- start-up and the client ---------------------------------------------------------------------------------
+
+
+def start(args: ServeArgs, application=None, *, wait_s: float = 120.0) -> ServeClient:
+    """Run `application` (default build_app(args)) on the connected Ray, HTTP on args.host:args.port, and wait
+    until /healthz answers."""
+    from ray import serve
+
+    application = application or build_app(args)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    try:
+        serve.run(application, name=APP_NAME, route_prefix="/")
+    except RuntimeError as err:  # a replica failed to start (unloadable artifact, bad settings, ...)
+        serve.shutdown()
+        reason = str(err).splitlines()[0][:300]
+        raise UserError(f"serving did not start: {reason}; replica logs: /tmp/ray/session_latest/logs/serve/") from None
+    client = ServeClient(f"http://{_client_host(args.host)}:{args.port}")
+    client.wait_ready(wait_s)
+    return client
+
+
+def _client_host(bind_host: str) -> str:
+    return LOOPBACK if bind_host in ("0.0.0.0", "::", "localhost") else bind_host
+
+
+class ServeClient:
+    """A small HTTP client for a running router (urllib only): complete, chat, models, health, shutdown."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 60.0) -> None:
+        self.base_url, self.api_key, self.timeout_s = base_url.rstrip("/"), api_key, timeout_s
+        self.stop_ray = False  # set by app.deploy when it started Ray itself
+
+    def __repr__(self) -> str:
+        return f"ServeClient({self.base_url!r})"
+
+    def request(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One JSON request; an HTTP error status raises UserError with the server's message."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base_url + path, data=data, method=method,
+                                     headers={"content-type": "application/json"})
+        if self.api_key:
+            req.add_header("authorization", f"Bearer {self.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")
+            try:
+                detail = json.loads(detail)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                pass
+            raise UserError(f"{method} {path}: HTTP {err.code}: {detail}") from None
+
+    def complete(self, prompt: str, **params: Any) -> dict:
+        """POST /v1/completions (model defaults to 'auto'); returns the OpenAI-shaped response."""
+        return self.request("POST", "/v1/completions", {"prompt": prompt, **params})
+
+    def chat(self, messages: list[dict] | str, **params: Any) -> dict:
+        """POST /v1/chat/completions; a plain string is one user message."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return self.request("POST", "/v1/chat/completions", {"messages": messages, **params})
+
+    def models(self) -> list[dict]:
+        return self.request("GET", "/v1/models")["data"]
+
+    def health(self) -> dict:
+        return self.request("GET", "/healthz")
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.health()
+                return
+            except (OSError, UserError):
+                if time.monotonic() > deadline:
+                    raise UserError(f"the router at {self.base_url} did not answer /healthz within {timeout_s:.0f} s; "
+                                    "see /tmp/ray/session_latest/logs/serve") from None
+                time.sleep(0.25)
+
+    def shutdown(self) -> None:
+        """Stop the Serve application (and the embedded Ray, when app.deploy started it)."""
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            serve.shutdown()
+            if self.stop_ray:
+                ray.shutdown()
+
+
+def curl_example(client: ServeClient, model: str = "auto", needs_key: bool = False) -> str:
+    """A copy-paste request for the terminal (the key header only when the router demands one)."""
+    body = json.dumps({"model": model, "prompt": "def fibonacci(n):", "max_tokens": 32, "temperature": 0})
+    key = " -H \"authorization: Bearer $KEY\"" if needs_key else ""
+    return f"curl -s {client.base_url}/v1/completions -H 'content-type: application/json'{key} -d '{body}'"
