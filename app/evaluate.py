@@ -151,7 +151,8 @@ def card_metrics(model: GPT, tokenizer: Tokenizer, data_dir: str | Path, *, batc
 
 def evaluate(model_or_name, data_dir: str | Path | None = None, *, domains: str | Sequence[str] = "all",
              batches: int = 8, batch_size: int = 8, registry: str | None = None, speed: bool = True) -> EvalResult:
-    """Evaluate a model: a registry name, an artifact folder, or an `Artifact` already loaded.
+    """Evaluate a model: a registry name, an artifact folder, an `Artifact` already loaded, or a bare `GPT`
+    (then pass data_dir; its tokenizer is not checked against the data's).
 
     data_dir defaults to the folder in the model's card ('data'); domains: 'all', one name, or a list.
     batches × batch_size validation windows per domain bound the cost (default 64 windows).
@@ -159,6 +160,8 @@ def evaluate(model_or_name, data_dir: str | Path | None = None, *, domains: str 
     from app.registry import Artifact, load_artifact, machine
 
     start = time.perf_counter()
+    if isinstance(model_or_name, GPT):
+        model_or_name = Artifact("<in memory>", model_or_name, None, {})
     artifact = model_or_name if isinstance(model_or_name, Artifact) else load_artifact(model_or_name, registry)
     card = artifact.card
     data_dir = data_dir or card.get("data")

@@ -47,6 +47,8 @@ def test_evaluate_reports_domains_perplexity_speed_and_size(art):
     assert dict(result.rows())["perplexity docs"] == round(result.perplexity["docs"], 2)
     one = evaluate(a, domains="code", batches=2, speed=False)
     assert one.val_loss == {"code": result.val_loss["code"]} and one.tokens_per_s == {}
+    bare = evaluate(a.model, data, domains="code", batches=2, speed=False)  # a GPT without its artifact
+    assert bare.val_loss == one.val_loss and bare.bytes is None
 
 
 def test_domain_and_tokenizer_mistakes_fail_clearly(art, tmp_path):
