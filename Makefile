@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@# DeepSpeed JIT-compiles its shared-memory CPU comm op on first use (~1 min, cached in ~/.cache/torch_extensions):
-	@# do it here, once, rather than inside the first training run.
-	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	@# do it here, once, rather than inside the first training run (app.ds_ops also clears a lock a killed process left).
+	$(PY) -m app.ds_ops
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

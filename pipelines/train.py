@@ -149,12 +149,15 @@ def _build_engine(cfg: TrainConfig, plan, precision: str, load_universal: bool =
     import deepspeed
     import torch
 
+    from app.ds_ops import stale_lock_breaker
     from app.model import GPT
     from app.parallel import deepspeed_config
 
     p = cfg.parallel
-    # Ray already created the torch.distributed group (gloo/NCCL); this only points DeepSpeed's comm layer at it.
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+    # Ray already created the torch.distributed group (gloo/NCCL); this only points DeepSpeed's comm layer at it
+    # (and loads its JIT-built CPU comm op, whose cache lock a killed process can leave behind).
+    with stale_lock_breaker():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and for every parallel layout
     model = GPT(cfg.model)
     if p.pipeline_stages > 1:
@@ -310,6 +313,7 @@ def train_loop_per_worker(config: dict) -> None:
     mtbf_s = _mtbf_seconds(cfg, ray.get(board.started.remote())) if rank == 0 else 0.0
     ledger = {"startup": time.perf_counter() - t_begin - restore_s, "restore": restore_s}
     last_save = last_report = time.monotonic()
+    retry_at, failures_in_a_row, storage_failures = None, 0, 0  # checkpoints deferred by unwritable storage
     report_gap_s = 2 * cfg.elastic.health_check_interval_s
     gauges = RayTrainMetrics(cfg.name) if rank == 0 else None
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
@@ -385,12 +389,30 @@ def train_loop_per_worker(config: dict) -> None:
         ledger["productive"] = ledger.get("productive", 0.0) + step_time
         record["checkpoint"] = ("final-before-deadline" if winding_down else "just-in-time" if notice is not None
                                 else "periodic") if save else None
+        if not save and retry_at is not None and done >= retry_at:
+            save, record["checkpoint"] = True, "retry"
         if save:
             t0 = time.perf_counter()
-            _save_checkpoint(engine, cfg, plan, done, config, record, fs, run_path, rank)
-            last_save, last_save_s = time.monotonic(), time.perf_counter() - t0
-            last_report = last_save
-            ledger["checkpoint"] = ledger.get("checkpoint", 0.0) + last_save_s
+            saved = _save_checkpoint(engine, cfg, plan, done, config, record, fs, run_path, rank)
+            while not saved and last:  # nothing left to train: wait for the storage rather than lose the run
+                if failures_in_a_row >= FINAL_SAVE_TRIES:
+                    raise OSError(f"checkpoint storage {run_path} stayed unwritable through {FINAL_SAVE_TRIES} "
+                                  "tries at the end of the run; the run resumes from its last good checkpoint")
+                time.sleep(min(2.0 ** failures_in_a_row, 30.0))
+                failures_in_a_row += 1
+                storage_failures += 1
+                saved = _save_checkpoint(engine, cfg, plan, done, config, record, fs, run_path, rank)
+            if saved:
+                retry_at, failures_in_a_row = None, 0
+                last_save, last_save_s = time.monotonic(), time.perf_counter() - t0
+                last_report = last_save
+            else:  # storage briefly unwritable: keep training, try again after 1, 2, 4, ... steps
+                storage_failures += 1
+                retry_at = done + min(2 ** failures_in_a_row, 64)
+                failures_in_a_row += 1
+                record["checkpoint"] = f"deferred: storage unwritable, retry at step {retry_at}"
+            ledger["checkpoint"] = ledger.get("checkpoint", 0.0) + time.perf_counter() - t0
+            record["storage_failures"] = storage_failures
         elif bool(table[0, 6]):
             ray.train.report(record)
             last_report = time.monotonic()
@@ -486,9 +508,38 @@ def _reshard(local: str, remote_path: str, fs, rank: int) -> float:
     return seconds
 
 
+FINAL_SAVE_TRIES = 6  # the last checkpoint waits up to 1 + 2 + 4 + 8 + 16 + 30 s for unwritable storage
+
+
+def _all_ranks_agree(ok: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _storage_writable(fs, path: str, rank: int) -> bool:
+    """Every rank probes the folder its shards go to, and all agree, before DeepSpeed's collective save starts:
+    a rank that raised inside it would leave the others waiting at its barriers."""
+    probe = f"{path}/.write-probe-rank{rank}"
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+        ok = True
+    except OSError as err:
+        print(f"checkpoint storage unwritable on rank {rank}: {err}", flush=True)
+        ok = False
+    return _all_ranks_agree(ok)
+
+
 def _save_checkpoint(engine, cfg: TrainConfig, plan, done: int, config: dict, metrics: dict, fs, run_path: str,
-                     rank: int) -> None:
-    """Every rank writes its shards, all report, then rank 0 seals the folder and prunes old ones."""
+                     rank: int) -> bool:
+    """Every rank writes its shards, all report, then rank 0 seals the folder and prunes old ones. Returns False
+    (on every rank alike) when the storage could not be written; the caller retries later."""
     import pyarrow.fs as pafs
     import ray.train
     import torch.distributed as dist
@@ -499,6 +550,8 @@ def _save_checkpoint(engine, cfg: TrainConfig, plan, done: int, config: dict, me
              "dp": plan.dp, "config_hash": config["config_hash"], "zero_stage": cfg.parallel.zero_stage,
              "pipeline_stages": cfg.parallel.pipeline_stages}
     path = f"{run_path}/{name}"
+    if not _storage_writable(fs, path, rank):
+        return False
     if isinstance(fs, pafs.LocalFileSystem):  # write in place: no second copy of every shard
         engine.save_checkpoint(path, tag=TAG, client_state=state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint(path),
@@ -508,10 +561,19 @@ def _save_checkpoint(engine, cfg: TrainConfig, plan, done: int, config: dict, me
             engine.save_checkpoint(tmp, tag=TAG, client_state=state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
     dist.barrier()  # every rank's files are in storage before the marker says so
+    sealed = True
     if rank == 0:
-        write_marker(fs, path, state)
-        prune(fs, run_path, cfg.checkpoint.keep)
-    dist.barrier()
+        try:
+            write_marker(fs, path, state)  # without it the folder is torn: never taken as the latest
+        except OSError as err:
+            print(f"could not seal checkpoint {path}: {err}", flush=True)
+            sealed = False
+        if sealed:
+            try:
+                prune(fs, run_path, cfg.checkpoint.keep)
+            except OSError as err:  # old checkpoints stay a while longer; the next save prunes again
+                print(f"could not prune old checkpoints of {run_path}: {err}", flush=True)
+    return _all_ranks_agree(sealed)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -736,6 +798,8 @@ def _summary(cfg: TrainConfig, history, attempts: list[dict], ledger: GoodputLed
         "world_sizes": world_sizes,
         "restarts": max(0, len(attempts) - 1),
         "lost_steps": lost_steps,
+        "storage_failures": int(history["storage_failures"].max()) if "storage_failures" in history
+        and history["storage_failures"].notna().any() else 0,
         "resumed_from_step": attempts[0]["start_step"] if attempts else 0,
         "universal_conversion_s": round(sum(a["universal_conversion_s"] for a in attempts), 3),
         "goodput": round(ledger.goodput(wall_s), 4),

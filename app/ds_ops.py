@@ -1,0 +1,104 @@
+"""DeepSpeed's JIT-built CPU comm op, without torch's stale-lock hang.
+
+DeepSpeed compiles its shared-memory all-reduce op (``deepspeed_shm_comm``) with ``torch.utils.cpp_extension`` on
+first use and caches it under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Every *load* of the
+cached op briefly holds an empty ``lock`` file in that folder, and every other process waits for the file to vanish,
+with no timeout. A process killed while holding it — a preempted worker, a killed test run — leaves the file behind
+and every later training run hangs in ``deepspeed.init_distributed`` forever.
+
+``stale_lock_breaker()`` wraps the call that may load the op: it removes a lock file once the lock *and* everything
+else in its folder have been untouched for ``STALE_AFTER_S`` (a real compile writes objects and ninja logs as it
+goes; a load holds the lock for milliseconds). ``python -m app.ds_ops`` builds the op ahead of time (``make install``
+does this).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STALE_AFTER_S = 180.0
+"""A lock whose folder has seen no write for this long is left over from a dead process."""
+
+OP_NAME = "deepspeed_shm_comm"
+
+
+def extension_roots() -> list[Path]:
+    """Folders torch may build extensions under: ``$TORCH_EXTENSIONS_DIR`` and the default build root."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    roots = [os.environ.get("TORCH_EXTENSIONS_DIR"), get_default_build_root()]
+    return [Path(r) for r in dict.fromkeys(r for r in roots if r)]
+
+
+def lock_files(roots: list[Path] | None = None) -> list[Path]:
+    """The ``lock`` files of every extension folder (``ROOT/NAME/lock`` and ``ROOT/pyXY_cpu/NAME/lock``)."""
+    found: list[Path] = []
+    for root in extension_roots() if roots is None else roots:
+        if root.is_dir():
+            found += list(root.glob("*/lock")) + list(root.glob("*/*/lock"))
+    return found
+
+
+def _last_write(folder: Path) -> float:
+    times = [folder.stat().st_mtime]
+    for p in folder.iterdir():
+        with contextlib.suppress(OSError):
+            times.append(p.stat().st_mtime)
+    return max(times)
+
+
+def clear_stale_locks(stale_after_s: float = STALE_AFTER_S, roots: list[Path] | None = None,
+                      now: float | None = None) -> list[Path]:
+    """Remove lock files whose folder has not been written for ``stale_after_s``; returns the ones removed."""
+    now = time.time() if now is None else now
+    removed = []
+    for lock in lock_files(roots):
+        try:
+            idle = now - _last_write(lock.parent)
+            if idle < stale_after_s:
+                continue
+            lock.unlink()
+        except FileNotFoundError:
+            continue  # released meanwhile
+        log.warning("removed a stale torch extension lock %s (untouched for %.0f s; its holder died)", lock, idle)
+        removed.append(lock)
+    return removed
+
+
+@contextlib.contextmanager
+def stale_lock_breaker(stale_after_s: float = STALE_AFTER_S, poll_s: float = 5.0, roots: list[Path] | None = None):
+    """Clear stale extension locks now and, while the body runs, every ``poll_s`` (so a waiter is freed)."""
+    clear_stale_locks(stale_after_s, roots)
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(poll_s):
+            clear_stale_locks(stale_after_s, roots)
+
+    watcher = threading.Thread(target=watch, name="stale-lock-breaker", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def build_comm_op():
+    """Build (or load from cache) DeepSpeed's CPU shared-memory comm op; ``None`` where it does not apply."""
+    from deepspeed.comm.torch import build_shm_op
+
+    with stale_lock_breaker():
+        return build_shm_op()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    build_comm_op()
