@@ -205,3 +205,20 @@ def test_auto_checkpoint_interval_follows_young_daly(tiny_data, storage):
     assert np.all(intervals > 0)
     implied_save_s = intervals[timed.index[0] + 1:] ** 2 / (2 * mtbf_s)  # once a save was measured
     assert np.all((implied_save_s > 0.001) & (implied_save_s < 30))
+
+
+@pytest.mark.slow
+def test_unwritable_storage_defers_the_checkpoint_and_loses_nothing(tiny_data, storage, zero2):
+    # The folder for step 6's checkpoint cannot be created (a file is in the way), as if the storage refused writes
+    # for a moment: training goes on, the save is retried one step later, and the run ends like the reference.
+    run = storage / "flaky"
+    run.mkdir()
+    (run / checkpoint_name(6)).write_text("in the way")
+    result = train.run(_cfg(tiny_data, storage, "flaky", "parallel.zero_stage=2"))
+    labels = dict(zip(result.history["step"], result.history["checkpoint"]))
+    assert labels[6].startswith("deferred: storage unwritable") and labels[7] == "retry" and labels[12] == "periodic"
+    assert result.summary["storage_failures"] == 1 and result.summary["restarts"] == 0
+    np.testing.assert_allclose(_losses(result), _losses(zero2), rtol=CURVE_RTOL)
+    assert sorted(p.name for p in run.glob("checkpoint_step_*") if p.is_dir()) == [checkpoint_name(7),
+                                                                                    checkpoint_name(12)]
+    assert (run / checkpoint_name(6)).read_text() == "in the way"  # not ours: left alone
