@@ -50,6 +50,10 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[obje
         table.add_column(name, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*(_fmt(v) for v in row))
+    # On a terminal the table fits the window; to a pipe or file (CI logs, `ray job logs`, benchmarks) rows stay whole.
+    if not out_console.is_terminal:
+        needed = out_console.measure(table, options=out_console.options.update(max_width=400)).maximum
+        out_console.width = max(out_console.width, needed)
     out_console.print(table)
 
 

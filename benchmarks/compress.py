@@ -1,0 +1,187 @@
+"""Compression: one teacher → a student trained without and with distillation, per-domain specialists, and int8 /
+int4 versions — quality, size and speed of every model measured side by side in one run.
+
+    python benchmarks/compress.py                                    # teacher = the small preset (hours on 2 cores)
+    python benchmarks/compress.py --teacher-preset demo --steps 300  # what the README reports for this machine
+
+Every model trains with the project's own trainer (Ray Train + DeepSpeed, `--workers` workers, ZeRO-2) on the
+teacher preset's data; the student gets the teacher's data, steps and global batch, so (a) and (b) see the same
+tokens. Trained models are kept under --out and reused when the script runs again (they are deterministic);
+the measurements at the end are always taken afresh, all in this process: validation loss per domain on the same
+windows, quality retention exp(L_teacher − L_model), and KV-cached greedy decoding tokens/s at batch 1 and 16
+(--speed-rounds interleaved rounds over all models, the best round of each kept). Prints a table and the goals, and writes benchmarks/results/compress.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+GOALS = {
+    "distillation beats the same student without it (val loss, every domain)": None,
+    "specialist keeps >= 95% of the teacher's quality on its own domain": 0.95,
+    "int8 raises the student's loss by <= 2% relative": 0.02,
+    "int8 student >= 1.5x the fp32 student in tokens/s (batch 1 and 16)": 1.5,
+    "int8 student >= 3x the fp32 teacher in tokens/s (batch 1 and 16)": 3.0,
+}
+
+
+def _student_shape(teacher) -> list[str]:
+    """Half the layers, half the width, half the heads: ~1/8 of the teacher's non-embedding parameters."""
+    m = teacher.model
+    heads = max(1, m.n_head // 2)
+    width = max(heads, (m.d_model // 2) // heads * heads)
+    return [f"model.n_layer={max(1, m.n_layer // 2)}", f"model.d_model={width}", f"model.n_head={heads}"]
+
+
+def _trained(storage: Path, name: str, make) -> str:
+    """The artifact of run `name`, training it first unless a finished run already left one."""
+    artifact = storage / name / "artifact"
+    if (artifact / "model_card.json").is_file() and (storage / name / "summary.json").is_file():
+        print(f"reusing {artifact}")
+        return str(artifact)
+    result = make()
+    return result.artifact
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from app import sdk
+    from app.config import load_config
+    from app.data import read_manifest
+    from app.errors import UserError
+    from app.console import progress_bar
+    from app.evaluate import SPEED_BATCHES, evaluate, tokens_per_second
+    from app.model import GPT
+    from app.registry import Registry, load_artifact, machine
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher-preset", default="small")
+    ap.add_argument("--steps", type=int, help="optimizer steps of every run (default: the teacher preset's)")
+    ap.add_argument("--student", nargs="*", help="student overrides (default: half layers, width and heads)")
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--workers", default="2")
+    ap.add_argument("--eval-batches", type=int, default=16, help="validation batches of 8 windows per domain")
+    ap.add_argument("--speed-rounds", type=int, default=5, help="interleaved tokens/s rounds (best one kept)")
+    ap.add_argument("--out", default="runs/bench-compress")
+    args = ap.parse_args(argv)
+
+    out = Path(args.out).resolve()
+    storage, registry = out / "runs", Registry(str(out / "registry"))
+    teacher_cfg = load_config(args.teacher_preset)
+    steps = args.steps or teacher_cfg.steps
+    common = [f"storage={storage}", f"steps={steps}", f"parallel.workers={args.workers}", "parallel.zero_stage=2",
+              f"eval_every={max(1, steps // 4)}", f"checkpoint.every_steps={max(1, steps // 4)}"]
+    student = args.student or _student_shape(teacher_cfg)
+    data_dir = Path(teacher_cfg.data.dir).resolve()
+    t_start = time.perf_counter()
+
+    # ---- train ------------------------------------------------------------------------------------------------
+    teacher = _trained(storage, "teacher", lambda: sdk.train(args.teacher_preset, [*common, "name=teacher"]))
+    plain = _trained(storage, "student-plain",
+                     lambda: sdk.train(args.teacher_preset, [*common, *student, "name=student-plain"]))
+    kd = _trained(storage, "student-kd", lambda: sdk.distill(
+        teacher, args.teacher_preset, [*common, *student], alpha=args.alpha, temperature=args.temperature,
+        run_name="student-kd"))
+    domains = read_manifest(data_dir).domains
+    specialists = {d: _trained(storage, f"specialist-{d}", lambda d=d: sdk.distill(
+        teacher, args.teacher_preset, [*common, *student], domains=[d], alpha=args.alpha,
+        temperature=args.temperature, run_name=f"specialist-{d}")) for d in domains}
+    models = {"teacher": teacher, "student (no KD)": plain, "student (KD)": kd,
+              **{f"specialist {d}": path for d, path in specialists.items()}}
+    for label, path in models.items():
+        registry.publish(label.replace(" ", "-").replace("(", "").replace(")", ""), path, overwrite=True)
+
+    # ---- quantize the distilled student -------------------------------------------------------------------------
+    unsupported = {}
+    for method in ("int8", "int4"):
+        try:
+            q = sdk.quantize(kd, method, name=f"student-kd-{method}", registry=registry.root, data=data_dir,
+                             overwrite=True)
+            models[f"student (KD) {method}"] = registry.path(f"student-kd-{method}")
+            del q
+        except UserError as err:
+            unsupported[method] = str(err)
+            print(f"{method}: {err}")
+    train_s = time.perf_counter() - t_start
+
+    # ---- measure, all in this process -----------------------------------------------------------------------------
+    # Quality once per model; speed in interleaved rounds (every model once per round, best round kept), so a
+    # noisy neighbour slows one round of every model rather than every round of one.
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows, loaded = {}, {}
+    for label, path in models.items():
+        artifact = load_artifact(path)
+        r = evaluate(artifact, data_dir, batches=args.eval_batches, speed=False)
+        loaded[label] = artifact.model.eval()
+        rows[label] = {"parameters": r.parameters, "bytes": r.bytes, "quantization": r.quantization,
+                       "val_loss": r.val_loss, "tokens_per_s": {str(b): 0.0 for b in SPEED_BATCHES}}
+    with progress_bar("tokens/s rounds", args.speed_rounds * len(loaded) * len(SPEED_BATCHES)) as bar:
+        for _ in range(args.speed_rounds):
+            for label, model in loaded.items():
+                for b in SPEED_BATCHES:
+                    bar.update(status=f"{label} batch {b}")
+                    best = rows[label]["tokens_per_s"]
+                    best[str(b)] = max(best[str(b)], tokens_per_second(model, b))
+                    bar.advance()
+    t = rows["teacher"]
+    for row in rows.values():
+        row["retention"] = {d: math.exp(t["val_loss"][d] - row["val_loss"][d]) for d in domains}
+    student_params = GPT(load_config(args.teacher_preset, student).model).num_params(non_embedding=False)
+
+    # ---- report -----------------------------------------------------------------------------------------------
+    from app.console import print_table
+
+    header = ["model", "params", "MB", *[f"loss {d}" for d in domains], *[f"retain {d}" for d in domains],
+              "tok/s b1", "tok/s b16"]
+    table = [[label, f"{r['parameters']:,}", f"{(r['bytes'] or 0) / 2**20:.2f}",
+              *[f"{r['val_loss'][d]:.4f}" for d in domains], *[f"{r['retention'][d]:.1%}" for d in domains],
+              f"{r['tokens_per_s']['1']:,.0f}", f"{r['tokens_per_s']['16']:,.0f}"] for label, r in rows.items()]
+    print_table(f"compression: teacher preset {args.teacher_preset}, {steps} steps per run", header, table)
+
+    kd_r, plain_r = rows["student (KD)"], rows["student (no KD)"]
+    checks = {}
+    checks[list(GOALS)[0]] = all(kd_r["val_loss"][d] < plain_r["val_loss"][d] for d in domains)
+    checks[list(GOALS)[1]] = all(rows[f"specialist {d}"]["retention"][d] >= 0.95 for d in domains)
+    q = rows.get("student (KD) int8")
+    if q:
+        rel = max(q["val_loss"][d] / kd_r["val_loss"][d] - 1 for d in domains)
+        speed_vs_student = min(q["tokens_per_s"][b] / kd_r["tokens_per_s"][b] for b in ("1", "16"))
+        speed_vs_teacher = min(q["tokens_per_s"][b] / t["tokens_per_s"][b] for b in ("1", "16"))
+        checks[list(GOALS)[2]] = rel <= 0.02
+        checks[list(GOALS)[3]] = speed_vs_student >= 1.5
+        checks[list(GOALS)[4]] = speed_vs_teacher >= 3.0
+        print(f"int8 vs fp32 student: loss +{rel:.2%} (worst domain), speed x{speed_vs_student:.2f} (worst batch); "
+              f"vs fp32 teacher: speed x{speed_vs_teacher:.2f}")
+    print(f"student = {student_params / rows['teacher']['parameters']:.1%} of the teacher's parameters "
+          f"({' '.join(student)})")
+    for goal, ok in checks.items():
+        print(f"  {'met ' if ok else 'MISS'}  {goal}")
+    for method, why in unsupported.items():
+        print(f"  n/a   {method}: {why}")
+
+    results = REPO / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    body = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "platform": platform.platform(),
+            "teacher_preset": args.teacher_preset, "steps": steps, "student_overrides": student,
+            "alpha": args.alpha, "temperature": args.temperature, "models": rows, "goals": checks,
+            "unsupported": unsupported, "train_and_quantize_s": round(train_s, 1)}
+    (results / "compress.json").write_text(json.dumps(body, indent=2))
+    print(f"wrote {results / 'compress.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
