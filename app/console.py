@@ -59,7 +59,9 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[obje
 
 def _fmt(value: object) -> str:
     if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1e6 else f"{value:.3e}"
+        if abs(value) >= 1e6:
+            return f"{value:.3e}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:,.4g}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return str(value)

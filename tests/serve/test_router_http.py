@@ -1,0 +1,280 @@
+"""The router end to end over HTTP on embedded Ray: two tiny (untrained) LMServer models behind two routers.
+
+App "main" (route prefix /): loopback bind, domain → cascade policy, exact cache, no rate limit; its keys are
+needed only for the admin endpoints. App "guarded" (/guarded): the same teacher deployment behind a router
+configured as bound to 0.0.0.0 (so every caller needs a key — the honest way to be "off loopback" on a machine
+whose tests may only use 127.0.0.1), a small rate limit, and the semantic cache with wrong-hit verification.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, settings
+
+from serve_deployments.router import app as router_app
+
+KEY, FLOOD_KEY = "sk-test-main", "sk-test-flood"
+CODE = "import os\nfor name in os.listdir(path):\n    print(name)\n"
+DOCS = "The import statement finds a module, loads and initialises it, and binds a name in the local scope."
+GREEDY = {"max_tokens": 6, "temperature": 0}
+# threshold 0: an untrained student's mean log-prob is always below it, so code always escalates
+MAIN_POLICY = {"kind": "domain", "default": "teacher",
+               "routes": {"code": {"kind": "cascade", "student": "student", "teacher": "teacher", "threshold": 0.0},
+                          "docs": "student"}}
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_artifact(out: Path, seed: int) -> Path:
+    import torch
+
+    from app.config import ModelConfig
+    from app.model import GPT
+    from app.registry import save_artifact
+    from app.tokenizer import train_tokenizer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / f).read_text() for f in ("json/decoder.py", "textwrap.py", "bisect.py")]
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=512, seq_len=128, n_layer=2, n_head=4, d_model=64, mlp_ratio=4, dropout=0.0,
+                      bias=True)
+    return save_artifact(out, GPT(cfg).state_dict(), cfg, train_tokenizer(texts, 512), {"name": out.name})
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tmp_path_factory):
+    from ray import serve
+
+    from serve_deployments.lm_server import LMServer
+    from serve_deployments.router import Router
+
+    root = tmp_path_factory.mktemp("router")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    small = {"ray_actor_options": {"num_cpus": 0.25}}
+    teacher = LMServer.options(name="teacher", **small).bind(str(_tiny_artifact(root / "teacher", 1)), "teacher")
+    student = LMServer.options(name="student", **small).bind(str(_tiny_artifact(root / "student", 2)), "student")
+    main = Router.options(**small).bind({"teacher": teacher, "student": student}, {
+        "policy": MAIN_POLICY, "guard": {"api_keys": [KEY], "rate_per_s": 0}, "export_metrics": True})
+    serve.run(main, name="main", route_prefix="/")
+    guarded = Router.options(**small).bind({"teacher": serve.get_deployment_handle("teacher", "main")}, {
+        "guard": {"api_keys": [KEY, FLOOD_KEY], "bind_host": "0.0.0.0", "rate_per_s": 0.5, "burst": 5},
+        "cache": {"exact": {"enabled": False},
+                  "semantic": {"enabled": True, "threshold": 0.999, "verify_fraction": 1.0}}})
+    serve.run(guarded, name="guarded", route_prefix="/guarded")
+    url = f"http://127.0.0.1:{port}"
+    yield url
+    serve.shutdown()
+
+
+def post(url: str, path: str, body, key: str | None = None, **kw) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(url + path, json=body, headers=headers, timeout=60, **kw)
+
+
+def test_completion_routes_by_domain_with_headers_and_body(server):
+    r = post(server, "/v1/completions", {"prompt": DOCS, **GREEDY})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert r.headers["x-scalestack-model"] == body["model"] == "student"
+    assert r.headers["x-scalestack-route"] == "domain:docs>model:student"
+    assert r.headers["x-scalestack-cache"] == "miss" and r.headers["x-scalestack-escalated"] == "false"
+    assert body["scalestack"] == {"model": "student", "route": "domain:docs>model:student", "cache": "miss",
+                                  "escalated": False}
+    choice = body["choices"][0]
+    assert choice["finish_reason"] in ("stop", "length") and isinstance(choice["text"], str)
+    assert body["usage"]["completion_tokens"] <= 6 and body["usage"]["prompt_tokens"] > 10
+
+    # code goes to the cascade; the student's answer scores below the threshold and the teacher answers
+    r = post(server, "/v1/completions", {"prompt": CODE, **GREEDY})
+    meta = r.json()["scalestack"]
+    assert r.headers["x-scalestack-model"] == "teacher" and meta["escalated"] is True
+    assert meta["route"].startswith("domain:code>cascade>judge=-") and meta["route"].endswith(">escalated")
+
+    # an explicit model bypasses the policy; the same greedy request again is an exact cache hit
+    first = post(server, "/v1/completions", {"prompt": CODE, "model": "student", **GREEDY})
+    again = post(server, "/v1/completions", {"prompt": CODE + "  \n", "model": "student", **GREEDY})
+    assert first.headers["x-scalestack-route"] == "explicit" and first.headers["x-scalestack-cache"] == "miss"
+    assert again.headers["x-scalestack-cache"] == "exact"
+    assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+    # sampled without a seed: never cached
+    r = post(server, "/v1/completions", {"prompt": CODE, "model": "student", "max_tokens": 4, "temperature": 0.9})
+    assert r.headers["x-scalestack-cache"] == "off"
+
+
+def test_chat_template_and_models_listing(server):
+    r = post(server, "/v1/chat/completions", {"messages": [{"role": "system", "content": "Be brief."},
+                                                            {"role": "user", "content": DOCS}], **GREEDY})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert r.headers["x-scalestack-model"] in ("student", "teacher")
+    models = requests.get(server + "/v1/models", timeout=30).json()
+    ids = [m["id"] for m in models["data"]]
+    assert ids == ["auto", "teacher", "student"]
+    assert models["data"][1]["scalestack"]["seq_len"] == 128
+    assert requests.get(server + "/healthz", timeout=10).json() == {"status": "ok", "models": ["teacher", "student"]}
+
+
+def test_streaming_sse_matches_the_non_streamed_answer(server):
+    body = {"prompt": DOCS, "model": "teacher", "max_tokens": 8, "temperature": 0, "stop": ["zzz"]}
+    plain = post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    with post(server, "/v1/completions", {**body, "stream": True}, stream=True) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-scalestack-model"] == "teacher"
+        lines = [ln for ln in r.iter_lines(decode_unicode=True) if ln]
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    assert "".join(c["choices"][0]["text"] for c in chunks) == plain
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_official_openai_client(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server + "/v1", api_key=KEY)
+    done = client.completions.create(model="auto", prompt=DOCS, max_tokens=5, temperature=0)
+    assert done.model == "student" and done.choices[0].finish_reason in ("stop", "length")
+    chat = client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=5, temperature=0)
+    assert chat.model == "teacher" and isinstance(chat.choices[0].message.content, str)
+    pieces = list(client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=5, temperature=0, stream=True))
+    assert pieces[0].choices[0].delta.role == "assistant"
+    assert pieces[-1].choices[0].finish_reason in ("stop", "length")
+    assert [m.id for m in client.models.list()] == ["auto", "teacher", "student"]
+    # the same client on the guarded router: a key is what it needs
+    guarded = OpenAI(base_url=server + "/guarded/v1", api_key=KEY)
+    assert guarded.completions.create(model="teacher", prompt="x = 1", max_tokens=2, temperature=0).model == "teacher"
+
+
+def test_feedback_trains_a_live_bandit_policy(server):
+    bandit = {"policy": {"kind": "bandit", "models": ["teacher", "student"]}}
+    assert post(server, "/v1/admin/policy", bandit).status_code == 401  # admin needs the key even on loopback
+    r = post(server, "/v1/admin/policy", {"policy": {"kind": "bandit", "models": ["ghost"]}}, KEY)
+    assert r.status_code == 400 and "unknown model 'ghost'" in r.json()["error"]["message"]
+    assert post(server, "/v1/admin/policy", bandit, KEY).status_code == 200
+    try:
+        for i in range(12):
+            r = post(server, "/v1/completions", {"prompt": f"question {i}", "max_tokens": 2, "temperature": 0.5})
+            assert r.headers["x-scalestack-route"] == "bandit"
+            reward = 1.0 if r.headers["x-scalestack-model"] == "teacher" else 0.0
+            fb = post(server, "/v1/feedback", {"id": r.json()["id"], "reward": reward})
+            assert fb.status_code == 200 and fb.json()["credited"] == ["bandit"]
+        state = requests.get(server + "/v1/admin/policy", headers={"Authorization": f"Bearer {KEY}"},
+                             timeout=10).json()["state"]["0:bandit"]
+        assert sum(state["feedback"].values()) == pytest.approx(12)
+        assert state["posterior_mean"]["teacher"] > 0.5 > state["posterior_mean"]["student"]
+        assert post(server, "/v1/feedback", {"id": "cmpl-nope", "reward": 1}).status_code == 404
+    finally:
+        assert post(server, "/v1/admin/policy", {"policy": MAIN_POLICY}, KEY).status_code == 200
+
+
+def test_calibration_and_stats(server):
+    for i in range(6):  # cascade traffic to calibrate on
+        post(server, "/v1/completions", {"prompt": CODE + f"# {i}\n", "max_tokens": 3, "temperature": 0.7})
+    r = post(server, "/v1/admin/calibrate", {"target_escalation_rate": 0.5}, KEY)
+    assert r.status_code == 200, r.text
+    threshold = r.json()["thresholds"]["student>teacher"]
+    assert threshold < 0
+    stats = requests.get(server + "/v1/stats", timeout=10).json()
+    cascade = next(v for k, v in stats["policy"].items() if k.endswith("cascade"))
+    assert cascade["threshold"] == threshold and cascade["calls"] >= 6
+    assert stats["requests"] >= 6 and stats["escalations"] >= 1
+    assert stats["cache_exact"]["hits"] >= 1 and stats["drift"]["window"] >= 6
+    assert set(stats["drift"]["domain_mix"]) <= {"code", "docs"}
+    assert "teacher" in stats["latency"] and stats["latency"]["teacher"]["p50_ms"] > 0
+
+
+def test_guard_answers_400_and_422_with_clear_messages(server):
+    cases = [
+        ({"prompt": ""}, 400, "prompt is empty"),
+        ({"prompt": "x", "max_tokens": 5000}, 400, "max_tokens=5000 is over the limit"),
+        ({"prompt": DOCS * 3, "max_tokens": 100, "model": "teacher"}, 400, "context of 128 tokens"),
+        ({"prompt": "ok \ud800"}, 400, "not valid UTF-8"),
+        ({"prompt": "x", "model": "gpt-9"}, 404, "model 'gpt-9' is not deployed"),
+        ({"prompt": 3}, 422, "prompt"),
+        ({"prompt": "x", "temperature": -1}, 422, "temperature"),
+        ({"prompt": "x", "max_tokens": "many"}, 422, "max_tokens"),
+        ({"messages": []}, 422, "prompt"),
+    ]
+    for body, status, message in cases:
+        r = post(server, "/v1/completions", body)
+        assert r.status_code == status, (body, r.text)
+        assert message in r.json()["error"]["message"], (body, r.json())
+    raw = requests.post(server + "/v1/completions", data=b'{"prompt": "\xff\xfe bad"}',
+                        headers={"content-type": "application/json"}, timeout=10)
+    assert raw.status_code in (400, 422) and raw.status_code < 500
+
+
+def test_off_loopback_keys_and_rate_limit(server):
+    g = server + "/guarded"
+    missing = post(g, "/v1/completions", {"prompt": "x", **GREEDY})
+    assert missing.status_code == 401 and "missing API key" in missing.json()["error"]["message"]
+    wrong = post(g, "/v1/completions", {"prompt": "x", **GREEDY}, "sk-wrong")
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(g + "/v1/models", timeout=10).status_code == 401
+    assert requests.get(g + "/healthz", timeout=10).status_code == 200  # liveness stays open
+    statuses = [post(g, "/v1/completions", {"prompt": "x", "model": "teacher", "max_tokens": 1,
+                                            "temperature": 0.5}, FLOOD_KEY) for _ in range(8)]
+    codes = [r.status_code for r in statuses]
+    assert codes[:5] == [200] * 5 and 429 in codes[5:], codes  # burst 5, then 0.5/s
+    limited = next(r for r in statuses if r.status_code == 429)
+    assert int(limited.headers["Retry-After"]) >= 1
+    assert post(g, "/v1/completions", {"prompt": "x", **GREEDY}, KEY).status_code == 200  # other key unaffected
+
+
+def test_semantic_cache_hits_and_counts_wrong_hits(server):
+    from ray import serve
+
+    g = server + "/guarded"
+    embed = serve.get_deployment_handle("teacher", "main").embed
+    a, b = "def mean(xs): return sum(xs) / len(xs)", "def mean(xs):  return sum(xs) / len(xs)"
+    first = post(g, "/v1/completions", {"prompt": a, **GREEDY}, KEY)
+    second = post(g, "/v1/completions", {"prompt": b, **GREEDY}, KEY)
+    sim = sum(x * y for x, y in zip(embed.remote({"text": a}).result(), embed.remote({"text": b}).result()))
+    assert first.headers["x-scalestack-cache"] == "miss"
+    expected = "semantic" if sim >= 0.999 else "miss"
+    assert second.headers["x-scalestack-cache"] == expected, sim
+    if expected == "semantic":
+        assert second.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+        assert second.json()["scalestack"]["similarity"] >= 0.999
+    deadline = time.time() + 20
+    while True:  # the wrong-hit check runs in the background
+        stats = requests.get(g + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+        sem = stats["cache_semantic"]
+        if sem["checks"] == sem["hits"] or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert sem["checks"] == sem["hits"] == (expected == "semantic")
+    fresh = post(g, "/v1/completions", {"prompt": b, "max_tokens": 6, "temperature": 0, "seed": None,
+                                        "stop": ["never-matches"]}, KEY).json()["choices"][0]["text"]
+    assert sem["wrong_hits"] == (expected == "semantic" and fresh != first.json()["choices"][0]["text"])
+
+
+fuzz_schema = schemathesis.openapi.from_dict(router_app.openapi())
+
+
+@fuzz_schema.parametrize()
+@settings(max_examples=12, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=list(HealthCheck))
+def test_fuzzed_requests_never_get_a_server_error(case, server):
+    response = case.call(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert response.status_code < 500, (case.path, case.body, response.text[:300])
+    assert requests.get(server + "/healthz", timeout=10).status_code == 200
