@@ -9,7 +9,10 @@ teacher preset's data; the student gets the teacher's data, steps and global bat
 tokens. Trained models are kept under --out and reused when the script runs again (they are deterministic);
 the measurements at the end are always taken afresh, all in this process: validation loss per domain on the same
 windows, quality retention exp(L_teacher − L_model), and KV-cached greedy decoding tokens/s at batch 1 and 16
-(--speed-rounds interleaved rounds over all models, the best round of each kept). Prints a table and the goals, and writes benchmarks/results/compress.json.
+(--speed-rounds interleaved rounds over all models, the best round of each kept).
+Speed depends on shapes, not on what the weights learned, so the speed goals are also measured at the shapes of
+--speed-preset (default `small`: its teacher, its student and the int8 student, random weights) when the teacher
+preset trained here is smaller. Prints a table and the goals, and writes benchmarks/results/compress.json.
 """
 
 from __future__ import annotations
@@ -44,6 +47,44 @@ def _student_shape(teacher) -> list[str]:
     return [f"model.n_layer={max(1, m.n_layer // 2)}", f"model.d_model={width}", f"model.n_head={heads}"]
 
 
+def _interleaved_speeds(models: dict, rounds: int, label: str) -> dict[str, dict[str, float]]:
+    """Best tokens/s of each model at each decoding batch over `rounds` rounds, every model once per round (a
+    noisy neighbour slows one round of every model rather than every round of one)."""
+    from app.console import progress_bar
+    from app.evaluate import SPEED_BATCHES, tokens_per_second
+
+    best = {name: {str(b): 0.0 for b in SPEED_BATCHES} for name in models}
+    with progress_bar(label, rounds * len(models) * len(SPEED_BATCHES)) as bar:
+        for _ in range(rounds):
+            for name, model in models.items():
+                for b in SPEED_BATCHES:
+                    bar.update(status=f"{name} batch {b}")
+                    best[name][str(b)] = max(best[name][str(b)], tokens_per_second(model, b))
+                    bar.advance()
+    return best
+
+
+def _speed_at_shape(preset: str, rounds: int) -> dict[str, dict]:
+    """Decoding speed of the preset's teacher shape, its student shape and the int8 student, with random weights:
+    speed depends on shapes, not on what the weights learned, so this measures the speed goals at a scale this
+    machine cannot train in a benchmark run."""
+    import torch
+
+    from app.config import load_config
+    from app.model import GPT
+    from app.quantize import quantize
+
+    teacher_cfg = load_config(preset)
+    torch.manual_seed(0)
+    teacher = GPT(teacher_cfg.model).eval()
+    student = GPT(load_config(preset, _student_shape(teacher_cfg)).model).eval()
+    student_int8, _ = quantize(student, "int8")
+    models = {"teacher": teacher, "student": student, "student int8": student_int8.eval()}
+    speeds = _interleaved_speeds(models, rounds, f"tokens/s at {preset} shapes")
+    return {name: {"parameters": m.num_params(non_embedding=False), "tokens_per_s": speeds[name]}
+            for name, m in models.items()}
+
+
 def _trained(storage: Path, name: str, make) -> str:
     """The artifact of run `name`, training it first unless a finished run already left one."""
     artifact = storage / name / "artifact"
@@ -61,8 +102,7 @@ def main(argv=None) -> int:
     from app.config import load_config
     from app.data import read_manifest
     from app.errors import UserError
-    from app.console import progress_bar
-    from app.evaluate import SPEED_BATCHES, evaluate, tokens_per_second
+    from app.evaluate import SPEED_BATCHES, evaluate
     from app.model import GPT
     from app.registry import Registry, load_artifact, machine
 
@@ -75,6 +115,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", default="2")
     ap.add_argument("--eval-batches", type=int, default=16, help="validation batches of 8 windows per domain")
     ap.add_argument("--speed-rounds", type=int, default=5, help="interleaved tokens/s rounds (best one kept)")
+    ap.add_argument("--speed-preset", default="small",
+                    help="also time teacher/student/int8-student shapes of this preset with random weights "
+                         "('' to skip)")
     ap.add_argument("--out", default="runs/bench-compress")
     args = ap.parse_args(argv)
 
@@ -118,8 +161,6 @@ def main(argv=None) -> int:
     train_s = time.perf_counter() - t_start
 
     # ---- measure, all in this process -----------------------------------------------------------------------------
-    # Quality once per model; speed in interleaved rounds (every model once per round, best round kept), so a
-    # noisy neighbour slows one round of every model rather than every round of one.
     torch.set_num_threads(os.cpu_count() or 1)
     rows, loaded = {}, {}
     for label, path in models.items():
@@ -128,14 +169,9 @@ def main(argv=None) -> int:
         loaded[label] = artifact.model.eval()
         rows[label] = {"parameters": r.parameters, "bytes": r.bytes, "quantization": r.quantization,
                        "val_loss": r.val_loss, "tokens_per_s": {str(b): 0.0 for b in SPEED_BATCHES}}
-    with progress_bar("tokens/s rounds", args.speed_rounds * len(loaded) * len(SPEED_BATCHES)) as bar:
-        for _ in range(args.speed_rounds):
-            for label, model in loaded.items():
-                for b in SPEED_BATCHES:
-                    bar.update(status=f"{label} batch {b}")
-                    best = rows[label]["tokens_per_s"]
-                    best[str(b)] = max(best[str(b)], tokens_per_second(model, b))
-                    bar.advance()
+    for label, best in _interleaved_speeds(loaded, args.speed_rounds, "tokens/s rounds").items():
+        rows[label]["tokens_per_s"] = best
+    shape_rows = _speed_at_shape(args.speed_preset, args.speed_rounds) if args.speed_preset else {}
     t = rows["teacher"]
     for row in rows.values():
         row["retention"] = {d: math.exp(t["val_loss"][d] - row["val_loss"][d]) for d in domains}
@@ -167,6 +203,19 @@ def main(argv=None) -> int:
               f"vs fp32 teacher: speed x{speed_vs_teacher:.2f}")
     print(f"student = {student_params / rows['teacher']['parameters']:.1%} of the teacher's parameters "
           f"({' '.join(student)})")
+    if shape_rows:
+        sp = {k: v["tokens_per_s"] for k, v in shape_rows.items()}
+        print_table(f"decoding speed at the {args.speed_preset} preset's shapes (random weights, same run)",
+                    ["model", "params", "tok/s b1", "tok/s b16"],
+                    [[k, f"{v['parameters']:,}", f"{v['tokens_per_s']['1']:,.0f}", f"{v['tokens_per_s']['16']:,.0f}"]
+                     for k, v in shape_rows.items()])
+        vs_student = min(sp["student int8"][b] / sp["student"][b] for b in ("1", "16"))
+        vs_teacher = min(sp["student int8"][b] / sp["teacher"][b] for b in ("1", "16"))
+        print(f"at {args.speed_preset} shapes: int8 student x{vs_student:.2f} the fp32 student, x{vs_teacher:.2f} "
+              f"the fp32 teacher (worst batch); student = "
+              f"{shape_rows['student']['parameters'] / shape_rows['teacher']['parameters']:.1%} of the teacher")
+        checks[f"{list(GOALS)[3]} at {args.speed_preset} shapes"] = vs_student >= 1.5
+        checks[f"{list(GOALS)[4]} at {args.speed_preset} shapes"] = vs_teacher >= 3.0
     for goal, ok in checks.items():
         print(f"  {'met ' if ok else 'MISS'}  {goal}")
     for method, why in unsupported.items():
@@ -177,7 +226,8 @@ def main(argv=None) -> int:
     body = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "platform": platform.platform(),
             "teacher_preset": args.teacher_preset, "steps": steps, "student_overrides": student,
             "alpha": args.alpha, "temperature": args.temperature, "models": rows, "goals": checks,
-            "unsupported": unsupported, "train_and_quantize_s": round(train_s, 1)}
+            "unsupported": unsupported, "train_and_quantize_s": round(train_s, 1),
+            "speed_preset": args.speed_preset, "speed_at_shapes": shape_rows}
     (results / "compress.json").write_text(json.dumps(body, indent=2))
     print(f"wrote {results / 'compress.json'}")
     return 0

@@ -1,0 +1,236 @@
+"""Serving load on loopback: latency and throughput at concurrency 1, 8 and 32, side by side in one run.
+
+    python benchmarks/serve_load.py [--quick] [--teacher ART] [--student ART] [--max-tokens 32]
+
+One Serve application holds the teacher twice (dynamic batching up to 32 requests, and batching off:
+max_batch_size 1), the int8 student, and the router. Every configuration gets the same prompts in the same
+order, from a closed loop of `concurrency` clients on 127.0.0.1; each request is greedy, at most --max-tokens
+tokens, and distinct (the router's cache is off), so every one reaches a model. Compared:
+
+  (a) the teacher through a DeploymentHandle vs over HTTP through the router (proxy + router + handle);
+      goal: router overhead <= 2 ms at p50;
+  (b) batching on vs off, both through handles; goal: >= 4x throughput at concurrency 32;
+  (c) the fp32 teacher vs the int8 student, both through handles.
+
+--teacher defaults to the registry's `demo` (else the newest runs/*/artifact); --student to TEACHER-int8 from the
+registry, else an int8 copy of the teacher made here with app.quantize (torch.ao dynamic int8); without
+app.quantize, (c) is skipped.
+Every replica gets a quarter of a logical CPU and one torch thread. Prints the tables and writes
+benchmarks/results/serve_load.json (serve_load_quick.json with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+LEVELS = (1, 8, 32)
+SNIPPETS = ["def parse(self, text):", "import os\nimport sys\n", "class Config:\n    def __init__(self",
+            "The module provides", "for key, value in items.items():", "Return the number of",
+            "    if not isinstance(value, str):", "This function is called when"]
+
+
+def prompts(n: int) -> list[str]:
+    """n distinct prompts (a counter in front of a code or prose snippet), so no two requests are the same."""
+    return [f"# {i}\n{SNIPPETS[i % len(SNIPPETS)]}" for i in range(n)]
+
+
+def requests_per_level(concurrency: int, quick: bool) -> int:
+    return max(8 * concurrency, 48) if not quick else max(2 * concurrency, 12)
+
+
+async def closed_loop(send, texts: list[str], concurrency: int) -> dict:
+    """`concurrency` clients each sending the next prompt as soon as their previous answer arrived."""
+    latencies: list[float] = []
+    tokens = 0
+    it = iter(texts)
+
+    async def client() -> None:
+        nonlocal tokens
+        for text in it:
+            t0 = time.perf_counter()
+            n = await send(text)  # not `tokens += await ...`: that reads `tokens` before the await
+            tokens += n
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    latencies.sort()
+    return {"requests": len(latencies), "p50_ms": 1e3 * statistics.median(latencies),
+            "p99_ms": 1e3 * latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+            "req_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall, "wall_s": wall}
+
+
+def default_teacher() -> str:
+    """The registry's `demo` model, else the newest runs/*/artifact."""
+    from app.registry import Registry
+
+    if Registry().exists("demo"):
+        return "demo"
+    found = sorted(REPO.glob("runs/*/artifact/model_card.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit("no artifact under runs/*/artifact: run `make demo` or pass --teacher ARTIFACT")
+    return str(found[-1].parent)
+
+
+def default_student(teacher: str, out: Path) -> str | None:
+    """TEACHER-int8 from the registry (`python -m app quantize TEACHER`), else an int8 copy made here."""
+    from app.registry import Registry
+
+    if Registry().exists(f"{teacher}-int8"):
+        return f"{teacher}-int8"
+    return make_student(teacher, out)
+
+
+def make_student(teacher: str, out: Path) -> str | None:
+    """An int8 (dynamic, torch.ao) copy of the teacher as an artifact in `out`, or None without app.quantize."""
+    try:
+        from app.quantize import quantize, quantized_state_dict
+    except ImportError:
+        return None
+    from app.registry import load_artifact, save_artifact
+
+    parent = load_artifact(teacher)
+    qmodel, spec = quantize(parent.model, "int8")
+    card = {"quantization": spec.method, "quantization_config": spec.to_card(),
+            "parameters": parent.model.num_params(non_embedding=False), "lineage": {"parent": teacher}}
+    return str(save_artifact(out, quantized_state_dict(qmodel, spec), parent.model.cfg, parent.tokenizer, card))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", help="artifact folder or registry name (default: newest runs/*/artifact)")
+    parser.add_argument("--student", help="int8 artifact or registry name (default: quantize the teacher here)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    parser.add_argument("--quick", action="store_true", help="a few requests per level (smoke run)")
+    args = parser.parse_args()
+
+    import aiohttp
+    import ray
+    from ray import serve
+
+    from app.console import print_table, progress_bar
+    from serve_deployments.app import APP_NAME, build_app
+
+    teacher = args.teacher or default_teacher()
+    tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
+    student = args.student or default_student(teacher, Path(tmp.name) / "student-int8")
+    quarter = {"num_cpus": 0.25}
+    models = [{"name": "teacher", "artifact": teacher, "max_batch_size": 32, "ray_actor_options": quarter},
+              {"name": "teacher-nobatch", "artifact": teacher, "max_batch_size": 1, "ray_actor_options": quarter}]
+    if student:
+        models.append({"name": "student-int8", "artifact": student, "max_batch_size": 32,
+                       "ray_actor_options": quarter})
+    port = free_port()
+    serve_args = {"models": models, "port": port, "router_ray_actor_options": quarter,
+                  "router": {"cache": {"exact": {"enabled": False}}, "guard": {"rate_per_s": 0}}}
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(serve_args), name=APP_NAME, route_prefix="/")
+    handles = {m["name"]: serve.get_deployment_handle(m["name"], app_name=APP_NAME) for m in models}
+    infos = {name: h.info.remote().result() for name, h in handles.items()}
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    params = {"max_tokens": args.max_tokens, "temperature": 0}
+
+    def via_handle(name: str):
+        async def send(text: str) -> int:
+            return (await handles[name].generate.remote({"prompt": text, **params}))["completion_tokens"]
+        return send
+
+    configs = [("teacher, handle", via_handle("teacher")), ("teacher, router (HTTP)", None),
+               ("teacher, batching off", via_handle("teacher-nobatch"))]
+    if student:
+        configs.append(("student int8, handle", via_handle("student-int8")))
+
+    async def run_all() -> dict:
+        results: dict[str, dict[int, dict]] = {}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
+            async def via_router(text: str) -> int:
+                async with http.post(url, json={"model": "teacher", "prompt": text, **params}) as resp:
+                    body = await resp.json()
+                    if resp.status != 200:
+                        raise RuntimeError(f"router answered {resp.status}: {body}")
+                    return body["usage"]["completion_tokens"]
+
+            total = len(configs) * len(LEVELS)
+            with progress_bar("serve load", total) as bar:
+                for label, send in configs:
+                    send = send or via_router
+                    await closed_loop(send, prompts(8), 4)  # warm-up: first batches, connections, code paths
+                    for c in LEVELS:
+                        bar.update(status=f"{label} @ {c}")
+                        n = requests_per_level(c, args.quick)
+                        results.setdefault(label, {})[c] = await closed_loop(send, prompts(n), c)
+                        bar.advance()
+        return results
+
+    try:
+        results = asyncio.run(run_all())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        tmp.cleanup()
+
+    rows = [(label, c, r["requests"], f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['req_per_s']:.1f}",
+             f"{r['tokens_per_s']:.0f}") for label, by_c in results.items() for c, r in by_c.items()]
+    print_table(f"serve load: {args.max_tokens} tokens/request, greedy, loopback",
+                ["configuration", "clients", "requests", "p50 ms", "p99 ms", "req/s", "tokens/s"], rows)
+
+    t, r, off = results["teacher, handle"], results["teacher, router (HTTP)"], results["teacher, batching off"]
+    s = results.get("student int8, handle")
+    ratios = {c: {"router_overhead_p50_ms": r[c]["p50_ms"] - t[c]["p50_ms"],
+                  "batching_speedup": t[c]["req_per_s"] / off[c]["req_per_s"],
+                  **({"student_vs_teacher_throughput": s[c]["req_per_s"] / t[c]["req_per_s"],
+                      "student_vs_teacher_p50": s[c]["p50_ms"] / t[c]["p50_ms"]} if s else {})}
+              for c in LEVELS}
+    ratio_rows = [(c, f"{x['router_overhead_p50_ms']:+.1f}", f"{x['batching_speedup']:.2f}x",
+                   f"{x['student_vs_teacher_throughput']:.2f}x" if s else "skipped",
+                   f"{x['student_vs_teacher_p50']:.2f}x" if s else "skipped") for c, x in ratios.items()]
+    print_table("side by side (same run)", ["clients", "router overhead p50 ms", "batching on/off req/s",
+                                            "int8/fp32 req/s", "int8/fp32 p50"], ratio_rows)
+    overhead, speedup = ratios[1]["router_overhead_p50_ms"], ratios[32]["batching_speedup"]
+    print(f"goal (a) router overhead <= 2 ms p50 at 1 client: {overhead:+.1f} ms -> "
+          f"{'met' if overhead <= 2 else 'NOT met'}")
+    print(f"goal (b) batching >= 4x throughput at 32 clients: {speedup:.2f}x -> {'met' if speedup >= 4 else 'NOT met'}")
+    if not s:
+        print("(c) skipped: no --student and app.quantize is not available to make one")
+
+    out_dir = REPO / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / ("serve_load_quick.json" if args.quick else "serve_load.json")
+    out.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} CPUs",
+        "teacher": teacher, "student": student if student and not student.startswith(tmp.name) else
+        ("int8 copy of the teacher" if student else None),
+        "max_tokens": args.max_tokens, "quick": args.quick,
+        "models": {k: {f: v.get(f) for f in ("parameters", "seq_len", "quantization", "max_batch_size",
+                                             "torch_threads")} for k, v in infos.items()},
+        "results": {label: {str(c): r for c, r in by_c.items()} for label, by_c in results.items()},
+        "ratios": {str(c): x for c, x in ratios.items()}}, indent=2))
+    print(f"wrote {out.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
