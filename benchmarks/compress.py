@@ -81,8 +81,9 @@ def _speed_at_shape(preset: str, rounds: int) -> dict[str, dict]:
     student_int8, _ = quantize(student, "int8")
     models = {"teacher": teacher, "student": student, "student int8": student_int8.eval()}
     speeds = _interleaved_speeds(models, rounds, f"tokens/s at {preset} shapes")
-    return {name: {"parameters": m.num_params(non_embedding=False), "tokens_per_s": speeds[name]}
-            for name, m in models.items()}
+    params = {"teacher": teacher.num_params(non_embedding=False), "student": student.num_params(non_embedding=False)}
+    params["student int8"] = params["student"]  # the same weights, stored as int8 (no longer nn.Parameters)
+    return {name: {"parameters": params[name], "tokens_per_s": speeds[name]} for name in models}
 
 
 def _trained(storage: Path, name: str, make) -> str:
