@@ -51,6 +51,9 @@ def _prepare_data(args: argparse.Namespace) -> int:
     print_table(f"{m.directory}: {verb}", ["split", "domain", "documents", "tokens"], result.rows())
     print(f"{m.tokens('train') + m.tokens('val'):,} tokens (train {m.tokens('train'):,}, val {m.tokens('val'):,}); "
           f"vocab {m.vocab_size}; manifest {m.path}")
+    args.result = {"directory": m.directory, "manifest": m.path, "reused": result.reused, "seconds": result.seconds,
+                   "vocab_size": m.vocab_size, "tokens_train": m.tokens("train"), "tokens_val": m.tokens("val"),
+                   "splits": [dict(zip(("split", "domain", "documents", "tokens"), r)) for r in result.rows()]}
     return 0
 
 
@@ -69,6 +72,7 @@ def _info(args: argparse.Namespace) -> int:
     from app.console import print_table
 
     result = sdk.info(args.preset, args.overrides)
+    args.result = asdict(result)
     if args.json:
         print(json.dumps(asdict(result), indent=2))
     else:
@@ -110,6 +114,7 @@ def _train(args: argparse.Namespace) -> int:
                                  "straggler_ratio_p50", "goodput", "wall_s", "world_sizes", "restarts")]
     print_table(f"run {s['run']}", ["metric", "value"], rows)
     print(f"run folder {result.run_dir} (summary.json, history.csv); artifact {result.artifact}")
+    args.result = {**s, "run_dir": result.run_dir, "artifact": result.artifact}
     return 0
 
 
@@ -143,6 +148,7 @@ def _distill(args: argparse.Namespace) -> int:
                                     "wall_s", "world_sizes", "restarts")]
     print_table(f"distillation {s['run']}", ["metric", "value"], rows)
     print(f"run folder {result.run_dir}; artifact {result.artifact}")
+    args.result = {**s, "run_dir": result.run_dir, "artifact": result.artifact}
     return 0
 
 
@@ -191,6 +197,10 @@ def _sweep(args: argparse.Namespace) -> int:
               f"{first['error'] or first['status']}); run the same command again to retry them", file=sys.stderr)
         return 1
     print(f"next: python -m app fit {_short(result.results_parquet)}")
+    args.result = {"name": result.name, "sweep_dir": result.sweep_dir, "results_parquet": result.results_parquet,
+                   "wall_s": result.wall_s, "resumed": result.resumed,
+                   "trials": [dict(zip(("trial", "N", "D", "C", "val_loss", "wall_s", "status"), r))
+                              for r in result.rows()]}
     return 0
 
 
@@ -268,6 +278,7 @@ def _fit(args: argparse.Namespace) -> int:
     for note in report.runs.dropped:
         print(f"left out: {note}")
     print(f"wrote {', '.join(_short(p) for p in report.files)}")
+    args.result = {**report.to_json(), "files": report.files}
     return 0
 
 
@@ -300,6 +311,7 @@ def _plan(args: argparse.Namespace) -> int:
                     summary=args.summary, workers=args.workers, preemptions_per_hour=args.preemptions_per_hour,
                     mfu=args.mfu, save_seconds=args.save_seconds, restart_seconds=args.restart_seconds,
                     prices=args.prices)
+    args.result = plan.to_dict()
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
@@ -352,6 +364,7 @@ def _chaos(args: argparse.Namespace) -> int:
     print_table(f"chaos: {args.scenario}", ["metric", "value"], [(k, json.dumps(v) if isinstance(v, list) else v)
                                                                  for k, v in result.report.items()])
     print(f"report {result.path}")
+    args.result = {**result.report, "path": result.path}
     return 0
 
 
@@ -401,6 +414,7 @@ def _quantize(args: argparse.Namespace) -> int:
     if r.qat_losses:
         print(f"QAT: {len(r.qat_losses)} steps, training loss {r.qat_losses[0]:.3f} -> {r.qat_losses[-1]:.3f}")
     print(f"published {r.name} to {_short(r.path)}")
+    args.result = {"name": r.name, "path": r.path, "method": r.method, "backend": r.backend, "card": r.card}
     return 0
 
 
@@ -420,8 +434,9 @@ def _eval(args: argparse.Namespace) -> int:
     from app.console import print_table
 
     r = sdk.evaluate(args.model, args.data, domains=args.domain, batches=args.batches, registry=args.registry)
+    args.result = {**asdict(r), "perplexity": r.perplexity}
     if args.json:
-        print(json.dumps({**asdict(r), "perplexity": r.perplexity}, indent=2))
+        print(json.dumps(args.result, indent=2))
         return 0
     print_table(f"eval {r.model} on {_short(r.data)}", ["metric", "value"], r.rows())
     print(f"{sum(r.tokens_evaluated.values()):,} validation tokens; {r.machine['cpu']}, "
@@ -472,6 +487,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from app import sdk
@@ -481,6 +497,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve_args = load_serve_args(args.config, args.models, args.host, args.port)
     client = sdk.deploy(serve_args, num_cpus=args.num_cpus)
+
+    def stop(signum, frame):  # SIGTERM (`kill`, `ray job stop`, a container stop) shuts down like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # after ray.init, whose own handler would exit without shutting down
     try:
         rows = [(m["id"], m["scalestack"].get("parameters"), m["scalestack"].get("quantization"),
                  m["scalestack"].get("max_batch_size"))
@@ -542,10 +563,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _emit_result(args: argparse.Namespace) -> None:
+    """With SCALESTACK_RESULT_LINE=1 (app.Client sets it for jobs), end stdout with one `scalestack-result: {json}`
+    line: the result a handler left in `args.result`, else {"command": ..., "exit": 0}."""
+    import os
+
+    if os.environ.get("SCALESTACK_RESULT_LINE") == "1":
+        from app.client import result_line
+
+        print(result_line(getattr(args, "result", None) or {"command": args.command, "exit": 0}), flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command][2](args)
+        code = COMMANDS[args.command][2](args)
+        if code == 0:
+            _emit_result(args)
+        return code
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -441,7 +441,9 @@ class LMServer:
         card = self.artifact.card
         return {
             "name": self.name, "artifact": str(self.artifact.path),
-            "parameters": self.model.num_params(non_embedding=False), "seq_len": self.seq_len,
+            # the card's count: a quantized model's int8 weights are no longer nn.Parameters
+            "parameters": card.get("parameters") or self.model.num_params(non_embedding=False),
+            "seq_len": self.seq_len,
             "vocab_size": self.model.cfg.vocab_size, "quantization": card.get("quantization") or "none",
             "max_batch_size": self.settings.max_batch_size, "batch_wait_timeout_s": self.settings.batch_wait_timeout_s,
             "max_tokens_limit": min(self.settings.max_tokens_limit or self.seq_len, self.seq_len),

@@ -97,6 +97,12 @@ class DriftMonitor:
                 "length_reference": "given" if self.reference_lengths else f"first {len(self._baseline_lengths)} prompts"}
 
 
+def route_label(route: str) -> str:
+    """A route without its per-request values (the cascade judge's score, `judge=-2.177`): a response reports the
+    whole route, metrics count by this, so a metric's tag values stay few."""
+    return ">".join(part for part in route.split(">") if not part.startswith("judge="))
+
+
 @dataclass
 class RouterMetrics:
     """Counters and latency windows of one router replica, mirrored to ray.util.metrics when `export` is set."""
@@ -132,6 +138,7 @@ class RouterMetrics:
             }
 
     def record(self, route: str, model: str, cache: str, escalated: bool, latency_s: float, tokens: int) -> None:
+        route = route_label(route)
         self.requests[(route, model, cache)] += 1
         self.tokens[model] += tokens
         self.escalations += escalated

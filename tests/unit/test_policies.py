@@ -230,3 +230,13 @@ def test_drift_score_rises_when_the_domain_mix_and_lengths_shift():
     assert shifted["domain_mix"] == {"code": 0.0, "docs": 1.0}
     assert shifted["domain_js"] > 0.5 and shifted["length_js"] > 0.9
     assert shifted["score"] == max(shifted["domain_js"], shifted["length_js"])
+
+
+def test_router_metrics_count_routes_without_the_judges_score() -> None:
+    from serve_deployments.metrics import RouterMetrics, route_label
+
+    assert route_label("domain:code>cascade>judge=-2.177>escalated") == "domain:code>cascade>escalated"
+    metrics = RouterMetrics(export=False)
+    for score in (-2.177, -2.572):
+        metrics.record(f"domain:code>cascade>judge={score}", "code-int8", "miss", False, 0.1, 32)
+    assert metrics.report()["by_route"] == {"domain:code>cascade": 2}
