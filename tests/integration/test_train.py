@@ -76,7 +76,7 @@ def test_exported_artifact_matches_training(zero2, tiny_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 3])
+@pytest.mark.parametrize("stage", [0, 1])  # ZeRO-3 against ZeRO-2: the 2→1→2 resize test, step by step
 def test_every_zero_stage_matches_zero2(stage, tiny_data, storage, zero2):
     result = train.run(_cfg(tiny_data, storage, f"zero{stage}", f"parallel.zero_stage={stage}", "checkpoint.every_steps=0"))
     assert result.summary["final_loss"] < result.summary["first_loss"] - 0.1
@@ -162,6 +162,8 @@ def test_resize_2_1_2_keeps_samples_and_curve(stage, tiny_data, storage, zero2):
     assert parts[1].summary["universal_conversion_s"] > 0 and parts[2].summary["universal_conversion_s"] > 0
     ids = [s for p in parts for s in _sample_ids(p)]
     assert ids == _sample_ids(zero2)  # none skipped, none repeated, same order
+    before_resize = _losses(parts[0])  # this stage on 2 workers, undisturbed: as close to ZeRO-2 as any layout
+    np.testing.assert_allclose(before_resize, _losses(zero2)[:len(before_resize)], rtol=CURVE_RTOL)
     losses = np.concatenate([_losses(p) for p in parts])
     np.testing.assert_allclose(losses, _losses(zero2), rtol=1e-3)
 
