@@ -21,7 +21,7 @@ from app.console import html_table
 from app.parallel import memory_estimate
 
 __all__ = ["load_config", "prepare_data", "info", "train", "ModelInfo", "sweep", "fit", "fit_report", "load_fit",
-           "plan", "quantize", "evaluate", "models", "deploy"]
+           "plan", "chaos", "quantize", "evaluate", "models", "deploy"]
 
 
 def prepare_data(

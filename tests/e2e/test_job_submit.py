@@ -77,3 +77,57 @@ def test_train_job_submitted_with_ray_job_submit(ray_head, tiny_data, tmp_path):
     assert summary["steps"] == 8 and summary["world_sizes"] == [2]
     assert summary["final_loss"] < summary["first_loss"]
     assert (storage / "job" / "artifact" / "model.safetensors").is_file()
+
+
+@pytest.fixture
+def client(ray_head, monkeypatch):
+    """app.Client on the test head; like the `ray` CLI it sends the token from ~/.ray/auth_token."""
+    from app.client import Client
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return Client(ray_head[0])
+
+
+def test_client_submits_streams_waits_and_parses_the_result(client, ray_head):
+    from dataclasses import asdict
+
+    from ray.job_submission import JobSubmissionClient
+
+    import app
+    from app.client import RESULT_PREFIX, parse_result
+    from app.errors import UserError
+
+    sid = f"scalestack-e2e-client-{os.getpid()}"
+    job = client.submit("info", "--preset", "tiny", "--set", "model.n_layer=3", submission_id=sid,
+                        metadata={"owner": "e2e"}, env={"SCALESTACK_E2E": "1"})
+    assert job.id == sid
+    lines = list(job.stream_logs())  # returns when the job ends
+    assert job.wait(timeout_s=120, show_progress=False) == "SUCCEEDED"
+    result = job.result()
+    assert result == asdict(app.info("tiny", ["model.n_layer=3"]))  # the same numbers as in this process
+    assert result["n_layer"] == 3 and result["preset"] == "tiny" and result["params_total"] > 0
+    assert "model info: preset tiny" in "\n".join(lines)
+    assert lines[-1].startswith(RESULT_PREFIX) and parse_result("\n".join(lines)) == result
+    assert parse_result(job.logs()) == result
+
+    info = JobSubmissionClient(ray_head[0]).get_job_info(sid)  # what the dashboard shows
+    assert info.metadata == {"scalestack_command": "info", "scalestack_args": "--preset tiny --set model.n_layer=3",
+                             "owner": "e2e"}
+    assert info.entrypoint == "python -m app info --preset tiny --set model.n_layer=3"
+    assert info.runtime_env["env_vars"]["SCALESTACK_E2E"] == "1" and "/runs" in info.runtime_env["excludes"]
+    assert "<td>status</td><td>SUCCEEDED</td>" in job._repr_html_()
+    assert client.job(sid).result() == result and job.stop() is False  # already over
+    with pytest.raises(UserError, match=f"submitting job {sid} at .* failed: .*already exists"):
+        client.submit("info", submission_id=sid)
+
+
+def test_client_failed_job_raises_naming_the_job(client):
+    from app.errors import UserError
+
+    job = client.submit("info", "--preset", "nosuchpreset")
+    assert job.id.startswith("scalestack-info-2")  # no run name: the time, then random hex
+    with pytest.raises(UserError, match=rf"job {job.id} FAILED: last log lines: .*unknown preset 'nosuchpreset'"):
+        job.wait(timeout_s=120, show_progress=False)
+    with pytest.raises(UserError, match=rf"job {job.id} printed no result line \(status FAILED\)"):
+        job.result()
