@@ -312,6 +312,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     mtbf_s = _mtbf_seconds(cfg, ray.get(board.started.remote())) if rank == 0 else 0.0
     ledger = {"startup": time.perf_counter() - t_begin - restore_s, "restore": restore_s}
+    attempt_productive_s = 0.0
     last_save = last_report = time.monotonic()
     retry_at, failures_in_a_row, storage_failures = None, 0, 0  # checkpoints deferred by unwritable storage
     report_gap_s = 2 * cfg.elastic.health_check_interval_s
@@ -387,6 +388,7 @@ def train_loop_per_worker(config: dict) -> None:
             "world_size": world, "time": time.time(), "checkpoint_interval_s": interval_s if rank == 0 else None,
         }
         ledger["productive"] = ledger.get("productive", 0.0) + step_time
+        attempt_productive_s += step_time
         record["checkpoint"] = ("final-before-deadline" if winding_down else "just-in-time" if notice is not None
                                 else "periodic") if save else None
         if not save and retry_at is not None and done >= retry_at:
@@ -418,7 +420,8 @@ def train_loop_per_worker(config: dict) -> None:
             last_report = time.monotonic()
         if rank == 0:
             board.log.remote(record, ledger)
-            gauges.set(record)
+            # the gauge's goodput is this attempt's so far; the summary's covers the whole run, restarts included
+            gauges.set({**record, "goodput": attempt_productive_s / max(time.perf_counter() - t_begin, 1e-9)})
         ledger = {}
         if winding_down and not last:
             _await_teardown(notice)
