@@ -371,14 +371,6 @@ def _chaos(args: argparse.Namespace) -> int:
 # ---- quantize, eval, models ---------------------------------------------------------------------------------
 
 
-def _whole_rows_when_piped() -> None:
-    """Model tables are wider than 80 columns; printed to a pipe or a file (no terminal to fit), keep rows whole."""
-    from app.console import out_console
-
-    if not out_console.is_terminal:
-        out_console.width = max(out_console.width, 132)
-
-
 def _add_registry(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", metavar="PATH|URI",
                    help="registry root: a folder or pyarrow URI (default: $SCALESTACK_REGISTRY, else runs/registry)")
@@ -407,7 +399,6 @@ def _quantize(args: argparse.Namespace) -> int:
     r = sdk.quantize(args.model, args.method, name=args.name, registry=args.registry, data=args.data,
                      backend=args.backend, steps=args.steps, lr=args.lr, batches=args.batches,
                      overwrite=args.overwrite)
-    _whole_rows_when_piped()
     print_table(f"{r.name}: {r.after.quantization} ({r.backend})", r.columns(), r.rows())
     if r.fallback:
         print(f"backend: {r.fallback}; ran torch.ao dynamic quantization instead")
@@ -468,7 +459,6 @@ def _models(args: argparse.Namespace) -> int:
     elif args.action == "publish":
         print(f"published {args.name} to {_short(reg.publish(args.name, args.path, overwrite=args.overwrite))}")
     else:
-        _whole_rows_when_piped()
         models = sdk.models(reg.root)
         print_table(f"registry {_short(reg.root)}: {len(models.cards)} models", models.columns(), models.rows())
     return 0

@@ -228,8 +228,15 @@ def _cause_message(err: BaseException) -> str:
 
 
 class _Refused(Exception):
+    """A request turned away (key, rate, body): raised anywhere on the request path, answered by the handler below."""
+
     def __init__(self, response: JSONResponse) -> None:
         self.response = response
+
+
+@app.exception_handler(_Refused)
+async def _refused(request: Request, err: _Refused) -> JSONResponse:
+    return err.response
 
 
 # Helpers the Router uses are defined before it: Serve serialises the class when the decorator runs.
@@ -367,10 +374,7 @@ class Router:
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> _JSON:
-        try:
-            self._admit(request)
-        except _Refused as r:
-            return r.response
+        self._admit(request)
         data = [{"id": "auto", "object": "model", "created": 0, "owned_by": "scalestack",
                  "scalestack": {"policy": self.policy_spec}}]
         for name in self.models:
@@ -391,10 +395,7 @@ class Router:
     @app.post("/v1/feedback")
     async def feedback(self, body: FeedbackRequest, request: Request) -> _JSON:
         """A reward in [0, 1] for a response: feeds the bandit's posteriors and the canary's quality."""
-        try:
-            self._admit(request)
-        except _Refused as r:
-            return r.response
+        self._admit(request)
         entry = self._responses.get(body.id)
         if entry is None:
             return _error(404, f"no recent response with id '{body.id}' (feedback is kept for the last "
@@ -407,29 +408,20 @@ class Router:
     @app.get("/v1/stats")
     async def stats(self, request: Request) -> _JSON:
         """Counts, latency, cache, escalations, shadow agreement, drift and policy state of this replica."""
-        try:
-            self._admit(request)
-        except _Refused as r:
-            return r.response
+        self._admit(request)
         return _JSON(self._stats())
 
     @app.get("/v1/admin/policy")
     async def get_policy(self, request: Request) -> _JSON:
-        try:
-            self._admit(request, admin=True)
-        except _Refused as r:
-            return r.response
+        self._admit(request, admin=True)
         return _JSON({"policy": self.policy_spec, "version": self._policy_version,
                              "state": describe(self.policy) if self.policy else {}})
 
     @app.post("/v1/admin/policy")
     async def set_policy(self, request: Request) -> _JSON:
         """Replace the policy tree of this replica (body: {"policy": tree}); learnt state starts afresh."""
-        try:
-            self._admit(request, admin=True)
-            raw = await _json_object(request)
-        except _Refused as r:
-            return r.response
+        self._admit(request, admin=True)
+        raw = await _json_object(request)
         if set(raw) != {"policy"}:
             return _error(400, "body must be {\"policy\": <policy tree>} (see README 'Routing policies')",
                           "invalid_policy", param="policy")
@@ -443,10 +435,7 @@ class Router:
     @app.post("/v1/admin/calibrate")
     async def calibrate(self, body: CalibrateRequest, request: Request) -> _JSON:
         """Set every cascade's threshold so that the target share of judged answers would escalate."""
-        try:
-            self._admit(request, admin=True)
-        except _Refused as r:
-            return r.response
+        self._admit(request, admin=True)
         cascades = [p for p in walk(self.policy) if isinstance(p, Cascade)] if self.policy else []
         if not cascades:
             return _error(400, "the current policy has no cascade to calibrate", "no_cascade")
@@ -461,11 +450,8 @@ class Router:
 
     async def _serve(self, body: _Sampling, prompt: str, name: str, chat: bool, request: Request):
         start = time.perf_counter()
-        try:
-            self._admit(request)
-            self._check_body(body, prompt, name)
-        except _Refused as r:
-            return r.response
+        self._admit(request)
+        self._check_body(body, prompt, name)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         stops = [s for s in stops if s][:4] + ([CHAT_STOP] if chat else [])
