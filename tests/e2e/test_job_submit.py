@@ -26,6 +26,10 @@ def ray_head(tmp_path_factory):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    # `ray start` turns token authentication on only when a token already exists (a fresh machine has none, and the
+    # head would then start without it): make sure ~/.ray/auth_token exists, as README's cluster section says.
+    subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True)
     gcs_port, dash_port = _free_port(), _free_port()
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
     head = subprocess.Popen(
@@ -35,7 +39,7 @@ def ray_head(tmp_path_factory):
          # fixed defaults (52365, …) would collide with the session's embedded Ray
          "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
          "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**env, "RAY_AUTH_MODE": "token"}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash_port}"
     client_env = {**env, "RAY_AUTH_MODE": "token"}  # the client sends the token `ray start` keeps in ~/.ray
