@@ -202,6 +202,16 @@ class TrainingPlan:
                    checkpoint_interval_s=self.chosen.checkpoint_interval_s, goodput=self.chosen.goodput)
         return _nan_to_none(out)
 
+    def _repr_html_(self) -> str:
+        """A field/value table in notebooks (the two purchase options flattened to on_demand.*, spot.*)."""
+        from app.console import html_table
+
+        rows: list[tuple[str, Any]] = []
+        for key, value in self.to_dict().items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            rows += [(f"{key}.{sub}" if sub else key, v) for sub, v in items]
+        return html_table(["field", "value"], rows)
+
 
 def _nan_to_none(obj: Any) -> Any:
     if isinstance(obj, dict):

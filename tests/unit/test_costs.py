@@ -112,6 +112,15 @@ def test_plan_for_compute_uses_the_frontier_and_its_interval():
     assert plan.cost_usd == pytest.approx(expected_hours * 4 * costs.load_prices()["g6e.xlarge"].spot_usd_per_hour)
 
 
+def test_plan_renders_as_a_flat_table_in_notebooks():
+    plan = costs.plan_training(make_fit(), compute_flops=1e21, spot=True, preemptions_per_hour=0.05, **PLAN)
+    html = plan._repr_html_()
+    assert html.startswith("<table>") and "<td>instance</td><td>g6e.xlarge</td>" in html
+    assert "<td>spot.checkpoint_interval_s</td>" in html and "<td>on_demand.cost_usd</td>" in html
+    assert f"<td>spot.cost_usd</td><td>{plan.spot.cost_usd:.4g}</td>" in html
+    assert f"<td>cost_usd</td><td>{plan.cost_usd:.4g}</td>" in html  # the spot price: purchase="spot"
+
+
 @pytest.mark.parametrize("spot", [False, True])
 def test_usd_to_compute_to_usd_round_trip(spot):
     fit = make_fit()
