@@ -27,9 +27,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m app prepare-data --preset demo
-	$(PY) -m app info --preset demo
-	$(PY) -m app train --preset demo --workers 2 --zero 2 --run-name demo-$$(date +%Y%m%d-%H%M%S)
+	$(PY) -m app demo
 
 clean:
 	rm -rf runs .pytest_cache

@@ -511,6 +511,28 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- demo ----------------------------------------------------------------------------------------------------
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fast", action="store_true", help="a reduced demo for CI: tiny models, few steps (~5 min on 2 cores)")
+    p.add_argument("--out", help="output folder, new or empty (default: runs/demo/<timestamp>)")
+    p.add_argument("--port", type=int, help="HTTP port of the router (default: a free one)")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from app import sdk
+    from app.demo import print_report
+
+    result = sdk.demo(args.out, fast=args.fast, port=args.port)
+    print_report(result.report)
+    print(f"demo finished in {result.wall_s:,.0f} s; report {_short(result.report_html)} (+ report.json); "
+          f"everything in {_short(result.out)}")
+    args.result = {"out": str(result.out), "report_json": str(result.report_json),
+                   "report_html": str(result.report_html), "wall_s": result.wall_s}
+    return 0
+
+
 # ---- the table -----------------------------------------------------------------------------------------------
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -535,6 +557,8 @@ COMMANDS: dict[str, Command] = {
     "models": ("the model registry: list, show NAME, publish PATH --name NAME", _models_args, _models),
     "serve": ("serve models behind the OpenAI-compatible router on Ray Serve; prints the URL, Ctrl-C stops",
               _serve_args, _serve),
+    "demo": ("the whole pipeline on this machine: data, a teacher through a spot reclaim, sweep, fit, plan, "
+             "specialists, int8, serving through every routing policy → report.html", _demo_args, _demo),
 }
 
 

@@ -21,7 +21,7 @@ from app.console import html_table
 from app.parallel import memory_estimate
 
 __all__ = ["load_config", "prepare_data", "info", "train", "ModelInfo", "sweep", "fit", "fit_report", "load_fit",
-           "plan", "chaos", "quantize", "evaluate", "models", "deploy"]
+           "plan", "chaos", "quantize", "evaluate", "models", "deploy", "demo"]
 
 
 def prepare_data(
@@ -362,3 +362,16 @@ def deploy(config=None, *, models=None, host: str | None = None, port: int | Non
         raise
     client.stop_ray = started
     return client
+
+
+# ---- the end-to-end demo -------------------------------------------------------------------------------------
+
+
+def demo(out: str | Path | None = None, *, fast: bool = False, port: int | None = None):
+    """The whole pipeline on this machine into `out` (default runs/demo/<timestamp>): both corpora, a teacher
+    trained through a spot reclaim, sweep → fit → plan, two distilled specialists quantized to int8, serving through
+    each routing policy. `fast=True` is the reduced CI version. Starts and stops Ray itself (call it without Ray
+    running). Returns a `DemoResult` (`.report`, `.report_html`, `.report_json`)."""
+    from app import demo as pipeline
+
+    return pipeline.run(out, fast=fast, port=port)
