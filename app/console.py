@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+
+def _plain_in_notebook() -> dict:
+    """Rich draws live bars in Jupyter through ipywidgets only (else it warns, and redraws into the cell's stderr):
+    in a notebook kernel without ipywidgets, print each bar once, when it ends, as in a log."""
+    import importlib.util
+
+    ipython = sys.modules.get("IPython")  # not imported: not in a kernel
+    shell = ipython.get_ipython() if ipython is not None else None
+    if type(shell).__name__ == "ZMQInteractiveShell" and importlib.util.find_spec("ipywidgets") is None:
+        return {"force_jupyter": False, "force_terminal": False}
+    return {}
+
+
 # Progress goes to stderr so stdout stays clean for tables and for piping; rich drops the live bar by itself
 # when stderr is not a terminal (CI logs, `ray job logs`).
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, **_plain_in_notebook())
 out_console = Console()
 
 

@@ -69,7 +69,9 @@ class SweepResult:
         return [tuple("" if _isnan(v) else v for v in r) for r in self.df[cols].itertuples(index=False)]
 
     def _repr_html_(self) -> str:
-        return self.df.to_html(index=False)
+        from app.console import html_table
+
+        return html_table(["trial", "N", "D", "C", "val_loss", "wall_s", "status"], self.rows())
 
 
 def _isnan(value: Any) -> bool:

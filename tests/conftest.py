@@ -39,6 +39,15 @@ def tiny_data(tmp_path_factory, ray_local) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def smoke(tiny_data, tmp_path_factory):
+    """The smoke sweep (tune_configs/smoke.yaml) on the tiny data, once: its tests and the notebook's use it."""
+    import app
+
+    out = tmp_path_factory.mktemp("sweep") / "smoke"
+    return app.sweep(REPO / "tune_configs" / "smoke.yaml", out, overrides=[f"data.dir={tiny_data}"])
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None):
     """Run `python -m app ARGS` in a subprocess; returns CompletedProcess with text output."""
     import subprocess

@@ -11,13 +11,7 @@ import app
 from app.sweep_config import load_sweep, plan_trials
 from tests.conftest import REPO
 
-SMOKE = REPO / "tune_configs" / "smoke.yaml"
-
-
-@pytest.fixture(scope="module")
-def smoke(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep") / "smoke"
-    return app.sweep(SMOKE, out, overrides=[f"data.dir={tiny_data}"])
+SMOKE = REPO / "tune_configs" / "smoke.yaml"  # the `smoke` fixture (tests/conftest.py) runs it
 
 
 @pytest.mark.slow
@@ -41,6 +35,8 @@ def test_smoke_sweep_trains_every_trial_to_the_end(smoke, tiny_data):
     on_disk = __import__("pandas").read_parquet(smoke.results_parquet)
     assert on_disk["val_loss"].tolist() == pytest.approx(df["val_loss"].tolist())
     assert smoke.results_csv.is_file() and not smoke.resumed
+    html = smoke._repr_html_()  # what a notebook shows
+    assert html.startswith("<table>") and all(f"<td>{t.name}</td>" in html for t in planned)
 
 
 @pytest.mark.slow
