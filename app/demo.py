@@ -27,7 +27,6 @@ import json
 import math
 import os
 import socket
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -198,7 +197,7 @@ def _teacher(run: _Run):
         log.parent.mkdir(exist_ok=True)
         err_console.print(f"local cluster: a head without CPUs + 2 worker nodes; Ray's driver messages → {_rel(log)}")
         with open(log, "w") as sink, contextlib.redirect_stdout(sink):
-            result, times = _train_through_reclaim(cfg, s, run.out / cfg.name)
+            result, times = _train_through_reclaim(cfg, s)
         reclaim = _reclaim_report(result, times, s)
         run.report["reclaim"] = reclaim
         line["result"] = (f"loss {result.summary['first_loss']:.2f} → {result.summary['final_loss']:.2f}, "
@@ -208,50 +207,27 @@ def _teacher(run: _Run):
     return result
 
 
-def _train_through_reclaim(cfg, s: DemoSizes, run_path: Path):
+def _train_through_reclaim(cfg, s: DemoSizes):
     """Train `cfg` (an elastic 1:2 group) on the chaos harness's local cluster — a head without CPUs plus one
     node per worker — and reclaim one node like a spot instance once training passes `s.reclaim_at_step`.
     Returns (TrainResult, {"notice": t, "death": t}); the cluster is shut down before it returns."""
     import ray
 
     from app.console import err_console
-    from pipelines import train
-    from pipelines.chaos import LocalCluster, _Follower, _inject  # the harness's own cluster and fault
+    from pipelines.chaos import LocalCluster, train_with_fault  # the harness's own cluster and fault
 
+    err_console.print(f"step {s.reclaim_at_step}: a spot reclaim will drain a worker node "
+                      f"(DRAIN_NODE_REASON_PREEMPTION, {s.notice_s} s deadline)")
     cluster = LocalCluster(2, cfg.parallel.cpus_per_worker)
-    outcome: dict[str, Any] = {}
-    times = None
     try:
         ray.init(address=cluster.address, log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
-
-        def fit() -> None:
-            try:
-                outcome["result"] = train.run(cfg)
-            except BaseException as err:  # surfaced on this thread below
-                outcome["error"] = err
-
-        thread = threading.Thread(target=fit, daemon=True)
-        thread.start()
-        follower = _Follower(cfg.name)
-        while thread.is_alive():  # a run that fails early must not leave us waiting for its step
-            try:
-                follower.wait_for_step(s.reclaim_at_step, timeout=1.0)
-                break
-            except TimeoutError:
-                continue
-        if thread.is_alive():
-            err_console.print(f"step {s.reclaim_at_step}: spot reclaim — draining a worker node "
-                              f"(DRAIN_NODE_REASON_PREEMPTION, {s.notice_s} s deadline)")
-            times = _inject("spot", cluster, follower, run_path, s.reclaim_at_step, s.notice_s, s.rejoin_after_s)
-        thread.join()
+        result, times = train_with_fault(cfg, "spot", cluster, s.reclaim_at_step, s.notice_s, s.rejoin_after_s)
     finally:
         ray.shutdown()
         cluster.shutdown()
-    if "error" in outcome:
-        raise outcome["error"]
     if times is None:
         raise UserError(f"the teacher finished before step {s.reclaim_at_step}, where the spot reclaim was due")
-    return outcome["result"], times
+    return result, times
 
 
 def _reclaim_report(result, times: dict[str, float], s: DemoSizes) -> dict[str, Any]:

@@ -166,6 +166,38 @@ def _inject(scenario: str, cluster: LocalCluster, follower: _Follower, run_path:
     return times
 
 
+def train_with_fault(cfg: TrainConfig, scenario: str, cluster: LocalCluster, at_step: int, notice_s: int,
+                     rejoin_after_s: float | None) -> tuple[Any, dict[str, float] | None]:
+    """Train `cfg` on `cluster` (this driver already connected to it) and inject `scenario` once training passes
+    `at_step`. Returns (TrainResult, when the fault happened); the times are None when the run ended before
+    `at_step`. A run that fails raises here, also before the fault."""
+    from pipelines import train
+
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = train.run(cfg)
+        except BaseException as err:  # surfaced on the caller's thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    follower, times = _Follower(cfg.name), None
+    while thread.is_alive():  # a run that fails early must not leave us waiting for its step
+        try:
+            follower.wait_for_step(at_step, timeout=1.0)
+        except TimeoutError:
+            continue
+        times = _inject(scenario, cluster, follower, Path(cfg.storage).resolve() / cfg.name, at_step, notice_s,
+                        rejoin_after_s)
+        break
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"], times
+
+
 def measure(reference, disturbed, times: dict[str, float], scenario: str) -> dict[str, Any]:
     """The chaos report: what the fault cost against the undisturbed reference."""
     import numpy as np
@@ -237,25 +269,13 @@ def run(cfg: TrainConfig, scenario: str, *, out: str | Path = "runs/chaos", inje
     try:
         ray.init(address=cluster.address, log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
         reference = reference or train.run(reference_cfg)
-        outcome: dict[str, Any] = {}
-
-        def disturbed_run() -> None:
-            try:
-                outcome["result"] = train.run(disturbed_cfg)
-            except BaseException as err:
-                outcome["error"] = err
-
-        thread = threading.Thread(target=disturbed_run, daemon=True)
-        thread.start()
-        times = _inject(scenario, cluster, _Follower("disturbed"), storage / "disturbed", at_step, notice_s,
-                        rejoin_after_s)
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        report = measure(reference, outcome["result"], times, scenario)
+        disturbed, times = train_with_fault(disturbed_cfg, scenario, cluster, at_step, notice_s, rejoin_after_s)
+        if times is None:
+            raise ConfigError(f"the run ended before step {at_step}, where the fault was due; inject earlier")
+        report = measure(reference, disturbed, times, scenario)
     finally:
         ray.shutdown()
         cluster.shutdown()
     out.mkdir(parents=True, exist_ok=True)
     (out / "chaos.json").write_text(json.dumps(report, indent=2))
-    return ChaosResult(report, out / "chaos.json", reference, outcome["result"])
+    return ChaosResult(report, out / "chaos.json", reference, disturbed)
