@@ -73,6 +73,19 @@ class SweepResult:
 
         return html_table(["trial", "N", "D", "C", "val_loss", "wall_s", "status"], self.rows())
 
+    def plot(self, ax=None):
+        """Validation loss against training compute C = 6ND, one line per model size, finished trials only; on
+        `ax`, or on a new figure's. Returns the Axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.5))
+        for n_params, trials in self.ok.sort_values("compute").groupby("n_params"):
+            ax.plot(trials["compute"], trials["val_loss"], "o-", label=f"N = {n_params:,.0f}")
+        ax.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="validation loss", title=self.name)
+        ax.legend()
+        return ax
+
 
 def _isnan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)

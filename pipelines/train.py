@@ -57,6 +57,24 @@ class TrainResult:
 
         return html_table(["metric", "value"], list(self.summary.items()))
 
+    def plot(self, ax=None):
+        """Training loss per step, validation loss where it was measured, and a dotted line at each restart's
+        first step; on `ax`, or on a new figure's. Returns the Axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.5))
+        h = self.history
+        ax.plot(h["step"], h["loss"], label="training loss")
+        if "val_loss" in h and h["val_loss"].notna().any():
+            measured = h[h["val_loss"].notna()]
+            ax.plot(measured["step"], measured["val_loss"], "o-", label="validation loss")
+        for attempt in self.attempts[1:]:
+            ax.axvline(attempt["start_step"], linestyle=":", color="grey")
+        ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=str(self.summary.get("run", "")))
+        ax.legend()
+        return ax
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Progress board: rank 0 posts every step here; the driver polls it for the progress bar and the history.
