@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from app.errors import ConfigError, UserError
+from app.jsonsafe import finite
 
 SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "tune_configs" / "demo.yaml"
 DOMAINS = ("code", "docs")
@@ -685,20 +686,9 @@ def run(out: str | Path | None = None, *, fast: bool = False, port: int | None =
     report["images"] = {k: str(v) for k, v in images.items()}
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
     report_json, report_html = demo.out / "report.json", demo.out / "report.html"
-    report_json.write_text(json.dumps(_finite(report), indent=2, default=_json_default))
+    report_json.write_text(json.dumps(finite(report), indent=2, default=_json_default))
     report_html.write_text(_html(report, images))
     return DemoResult(demo.out, report, report_json, report_html, report["wall_s"])
-
-
-def _finite(value: Any) -> Any:
-    """NaN and infinities (an interval the bootstrap could not give) as null: report.json stays strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _json_default(value: Any) -> Any:

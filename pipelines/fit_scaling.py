@@ -20,6 +20,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from app.errors import DataError, FitError
+from app.jsonsafe import finite
 from app.scaling import (
     BESIROGLU_GRID,
     FLOPS_PER_PARAM_TOKEN,
@@ -189,22 +190,11 @@ def run(
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "fit.json").write_text(json.dumps(_finite(report.to_json()), indent=2, allow_nan=False))
+        (out / "fit.json").write_text(json.dumps(finite(report.to_json()), indent=2, allow_nan=False))
         report.files.append(out / "fit.json")
         if plots:
             report.files.extend(law.plot(out, rel_tol=rel_tol))
     return report
-
-
-def _finite(obj: Any) -> Any:
-    """JSON-safe copy: NaN and ±inf (e.g. an unbounded bootstrap end) become None."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def default_out(results: Any) -> Path | None:

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from app.errors import ConfigError, UserError
+from app.jsonsafe import finite
 from serve_deployments import guard as guards
 from serve_deployments.cache import (
     ExactCache,
@@ -186,20 +187,9 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # The deployment
 
-def _finite(obj: Any) -> Any:
-    """Non-finite floats (an infinite calibrated threshold, say) become null: JSON has no inf or nan."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 class _JSON(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return super().render(_finite(content))
+        return super().render(finite(content))
 
 
 app = FastAPI(title="scalestack router", version="1.0",
