@@ -5,7 +5,6 @@ tests/integration/test_sweep.py trained (a finished sweep re-run trains nothing:
 """
 
 import json
-import os
 
 import pytest
 
@@ -24,14 +23,11 @@ def executed(smoke, tiny_data, tmp_path_factory):
            "SCALESTACK_NB_SWEEP": str(REPO / "tune_configs" / "smoke.yaml"),
            "SCALESTACK_NB_SWEEP_DIR": str(smoke.sweep_dir)}
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # the kernel inherits this process's environment
+        for key, value in env.items():
+            mp.setenv(key, value)
         NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
                        ).execute()
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return nb, out
 
 
