@@ -155,15 +155,16 @@ class LrRule(StrictModel):
 
 
 class Resources(StrictModel):
-    """Resources of one trial: a Tune trial runs a driver that starts one Ray Train TorchTrainer."""
+    """Resources of one trial. A one-worker trial trains in its own process (Ray Train's local mode) and holds
+    the worker's CPUs; a bigger trial runs a driver that starts one Ray Train TorchTrainer."""
 
     workers: int = Field(default=1, ge=1, description="Train workers per trial (parallel.workers).")
     cpus_per_worker: int = Field(default=1, ge=1, description="CPUs per Train worker (parallel.cpus_per_worker).")
     zero_stage: Literal[0, 1, 2, 3] = Field(default=0, description="DeepSpeed ZeRO stage (parallel.zero_stage).")
     trial_cpus: float = Field(
         default=0.0, ge=0.0,
-        description="CPUs reserved for the trial's driver. It only waits on its trainer, so 0: the Train workers "
-        "hold the CPUs, and a trial never holds a core its own workers then wait for.",
+        description="CPUs reserved for the trial's driver on top of its workers'. It only waits on its trainer "
+        "(or is the one worker), so 0: a trial never holds a core its own workers then wait for.",
     )
 
 

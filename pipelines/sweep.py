@@ -4,8 +4,10 @@
 
 Each Tune trial is a function trainable that calls `pipelines.train.run(cfg)`: a Ray Train TorchTrainer started
 inside the trial, which is how Ray's Train/Tune guide runs distributed training under Tune (the trial only drives;
-its Train workers hold the CPUs/GPUs). A trial trains its whole cosine schedule (steps from its token budget, no
-early stopping) and reports the final validation loss, N (non-embedding parameters), D (tokens), C = 6ND and the
+its Train workers hold the CPUs/GPUs). A one-worker trial — the usual small-model sweep — trains in the trial's own
+process instead (Ray Train's local mode; the trial holds the worker's CPUs/GPU): no controller or worker actor to
+start, which on 2 cores halves a small trial's wall time. A trial trains its whole cosine schedule (steps from its
+token budget, no early stopping) and reports the final validation loss, N (non-embedding parameters), D (tokens), C = 6ND and the
 model's own FLOPs. The sweep folder holds:
 
     sweep.json              the validated sweep and its trial list (a resumed sweep must match it)
@@ -29,14 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.config import TrainConfig
+from app.config import TrainConfig, parse_workers
 from app.errors import ConfigError
 from app.sweep_config import SweepConfig, TrialSpec, base_config, load_sweep, plan_trials, total_model_flops
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
-# The trial driver only waits on its TorchTrainer; it reserves a little memory instead of a CPU (Tune needs a
-# non-empty resource request), so a trial's CPUs all go to its Train workers.
+# A multi-worker trial's driver only waits on its TorchTrainer; it reserves a little memory instead of a CPU (Tune
+# needs a non-empty resource request), so a trial's CPUs all go to its Train workers.
 TRIAL_DRIVER_MEMORY = 256 * 2**20
 COLUMNS = ["trial", "status", "n_layer", "d_model", "n_head", "seed", "lr", "steps", "tokens", "n_params",
            "n_params_total", "flops_per_token", "compute", "model_flops", "val_loss", "train_loss",
@@ -112,7 +114,7 @@ def _train_or_reuse(cfg: TrainConfig) -> dict[str, Any]:
     found = latest_complete(fs, f"{root}/{cfg.name}")
     if found and found.step >= cfg.steps:  # trained to the end, stopped before its summary: redo (short) from 0
         shutil.rmtree(Path(cfg.storage) / cfg.name)
-    return train.run(cfg, progress=False).summary
+    return train.run(cfg, progress=False, in_process=parse_workers(cfg.parallel.workers) == (1, 1)).summary
 
 
 def _trial(config: dict, specs: dict[str, dict]) -> None:
@@ -138,9 +140,11 @@ def _trial(config: dict, specs: dict[str, dict]) -> None:
 # Driver side
 
 
-def _trial_resources(sweep: SweepConfig) -> dict[str, float]:
-    cpus = sweep.resources.trial_cpus
-    return {"CPU": cpus} if cpus > 0 else {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
+def _trial_resources(sweep: SweepConfig, use_gpu: bool) -> dict[str, float]:
+    r = sweep.resources
+    if r.workers == 1:  # trains in the trial's own process: the trial holds what its one worker would
+        return {"CPU": r.cpus_per_worker + r.trial_cpus, **({"GPU": 1} if use_gpu else {})}
+    return {"CPU": r.trial_cpus} if r.trial_cpus > 0 else {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
 
 
 def _check_same_sweep(sweep_dir: Path, record: dict) -> None:
@@ -209,7 +213,7 @@ def run(sweep: SweepConfig | str | Path, out: str | Path | None = None, *, overr
 
     from app.console import err_console, progress_bar
     from pipelines.ray_session import ray_session
-    from pipelines.train import _ensure_data
+    from pipelines.train import _ensure_data, _use_gpu
 
     if not isinstance(sweep, SweepConfig):
         sweep = load_sweep(sweep)
@@ -235,7 +239,8 @@ def run(sweep: SweepConfig | str | Path, out: str | Path | None = None, *, overr
         _ensure_data(base.model_copy(update={"data": base.data.model_copy(update={"dir": str(data_dir)})}),
                      data_dir, num_cpus)
         concurrency = sweep.trials_per_round(ray.cluster_resources().get("CPU", 1))
-        trainable = tune.with_resources(tune.with_parameters(_trial, specs=specs), _trial_resources(sweep))
+        trainable = tune.with_resources(tune.with_parameters(_trial, specs=specs),
+                                        _trial_resources(sweep, _use_gpu(base)))
         tune_path = sweep_dir / TUNE_DIR
         resumed = tune.Tuner.can_restore(str(tune_path))
         if resumed:

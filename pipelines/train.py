@@ -125,13 +125,31 @@ def _progress_board_cls():
 # Worker side
 
 
+def _train_fn_utils():
+    """What `ray.train.get_context/report/get_preemption_info` call. Those public wrappers refuse to run inside a
+    Ray Tune trial (ray#49454), which is where an in-process sweep trial's loop runs (Ray Train's local mode); the
+    loop calls the same object directly, on workers and in-process alike (ray.train.v2 internals; ray is pinned)."""
+    from ray.train.v2._internal.execution.train_fn_utils import get_train_fn_utils
+
+    return get_train_fn_utils()
+
+
+def _report(metrics: dict, checkpoint=None, **kwargs) -> None:
+    """ray.train.report, through `_train_fn_utils` (same defaults as the public function)."""
+    from ray.train import CheckpointUploadMode
+
+    mode = kwargs.setdefault("checkpoint_upload_mode", CheckpointUploadMode.SYNC)
+    kwargs.setdefault("delete_local_checkpoint_after_upload", mode.default_delete_local_checkpoint_after_upload())
+    _train_fn_utils().report(metrics=metrics, checkpoint=checkpoint, **kwargs)
+
+
 def _worker_device(cfg: TrainConfig):
     import torch
 
     if cfg.parallel.device != "cpu" and torch.cuda.is_available():
         import ray.train
 
-        local_rank = ray.train.get_context().get_local_rank()
+        local_rank = _train_fn_utils().get_context().get_local_rank()
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -276,7 +294,7 @@ def train_loop_per_worker(config: dict) -> None:
     t_begin = time.perf_counter()
     cfg = TrainConfig.model_validate(config["cfg"])
     board, data_dir = config["board"], config["data_dir"]
-    ctx = ray.train.get_context()
+    ctx = _train_fn_utils().get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.parallel.cpus_per_worker)
     device = _worker_device(cfg)
@@ -297,8 +315,8 @@ def train_loop_per_worker(config: dict) -> None:
         "bfloat16" if precision == "bf16" else "float16" if precision == "fp16" else "float32",
         threads=cfg.parallel.cpus_per_worker)
 
-    storage = ctx.get_storage()
-    fs, run_path = storage.storage_filesystem, storage.experiment_fs_path
+    fs, storage_root = storage_fs(config["storage"])  # the driver's RunConfig storage_path, resolved alike
+    run_path = f"{storage_root}/{cfg.name}"
     found = latest_complete(fs, run_path)
     # A checkpoint written at another data-parallel size is resharded through DeepSpeed's universal format
     # (ZeRO 1-3 partition optimizer state by dp rank); ZeRO 0 keeps whole state and loads at any size.
@@ -363,7 +381,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         done = step + 1
         # A drain notice (spot reclaim) reaches every rank through this barrier at the same steps.
-        notice = ray.train.get_preemption_info() if done % cfg.elastic.preemption_check_every == 0 else None
+        notice = _train_fn_utils().get_preemption_info() if done % cfg.elastic.preemption_check_every == 0 else None
         # One small all-gather per step: the global mean loss, per-rank step times (stragglers), and rank 0's
         # wall-clock decisions (a timed checkpoint; winding down before a preemption deadline), so every rank
         # takes the same branch below.
@@ -434,7 +452,7 @@ def train_loop_per_worker(config: dict) -> None:
             ledger["checkpoint"] = ledger.get("checkpoint", 0.0) + time.perf_counter() - t0
             record["storage_failures"] = storage_failures
         elif bool(table[0, 6]):
-            ray.train.report(record)
+            _report(record)
             last_report = time.monotonic()
         if rank == 0:
             board.log.remote(record, ledger)
@@ -575,12 +593,12 @@ def _save_checkpoint(engine, cfg: TrainConfig, plan, done: int, config: dict, me
         return False
     if isinstance(fs, pafs.LocalFileSystem):  # write in place: no second copy of every shard
         engine.save_checkpoint(path, tag=TAG, client_state=state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint(path),
+        _report(metrics, checkpoint=ray.train.Checkpoint(path),
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=TAG, client_state=state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+            _report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
     dist.barrier()  # every rank's files are in storage before the marker says so
     sealed = True
     if rank == 0:
@@ -691,12 +709,31 @@ def _use_gpu(cfg: TrainConfig) -> bool:
     return has_gpu
 
 
+def _single_process_group_env() -> None:
+    """torch.distributed's env:// variables for a world of one, so that Ray Train's local mode creates the
+    process group the loop's collectives (and DeepSpeed) expect."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
 def _storage_root(storage: str) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
-def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True) -> TrainResult:
-    """Train `cfg` on Ray (embedded, or the cluster at RAY_ADDRESS); resume if the run already has checkpoints."""
+def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True,
+        in_process: bool = False) -> TrainResult:
+    """Train `cfg` on Ray (embedded, or the cluster at RAY_ADDRESS); resume if the run already has checkpoints.
+
+    `in_process=True` runs a one-worker run's loop in this process (Ray Train's local mode, `num_workers=0`):
+    no controller, no worker actor, ~12 s less start-up on 2 cores. It is for a process that owns its resources
+    and ends with the run — a Ray Tune trial (`pipelines.sweep`) — since it sets torch.distributed's variables
+    here and no FailureConfig restarts it.
+    """
     import pandas as pd
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -713,6 +750,9 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True)
     fs, storage_path = storage_fs(storage)
     run_path = f"{storage_path}/{cfg.name}"
     lo, hi = parse_workers(cfg.parallel.workers)
+    if in_process and hi != 1:
+        raise ConfigError(f"parallel.workers={cfg.parallel.workers}: an in-process run has exactly one worker; "
+                          "set parallel.workers=1 or run it on Ray Train workers")
     _check_resume(fs, run_path, cfg)
 
     with ray_session(num_cpus or max(hi * cfg.parallel.cpus_per_worker, 1)):
@@ -732,15 +772,17 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True)
                 ray.get_runtime_context().get_node_id(), soft=False)).remote()
         resources = {"CPU": cfg.parallel.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
         apply_recovery_env(cfg.elastic.model_dump())
+        if in_process:
+            _single_process_group_env()
         trainer = ElasticTorchTrainer(
             train_loop_per_worker,
             accepted_sizes=accepted,
             train_loop_config={"cfg": cfg.model_dump(), "board": board, "data_dir": str(data_dir),
                                "config_hash": cfg.config_hash(), "flops_per_token": flops_per_token,
-                               "teacher": teacher},
-            scaling_config=ScalingConfig(num_workers=hi if lo == hi else (lo, hi), use_gpu=use_gpu,
-                                         resources_per_worker=resources,
-                                         elastic_resize_monitor_interval_s=cfg.elastic.resize_monitor_interval_s),
+                               "teacher": teacher, "storage": storage},
+            scaling_config=ScalingConfig(num_workers=0, use_gpu=use_gpu) if in_process else ScalingConfig(
+                num_workers=hi if lo == hi else (lo, hi), use_gpu=use_gpu, resources_per_worker=resources,
+                elastic_resize_monitor_interval_s=cfg.elastic.resize_monitor_interval_s),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(
                 max_failures=cfg.max_failures, max_preemption_failures=cfg.elastic.max_preemption_failures)),

@@ -1,5 +1,6 @@
-"""The smoke sweep end to end on embedded Ray (Tune trials each running a Ray Train TorchTrainer), a resume that
-redoes nothing, and a fit of its results. ~4 minutes on 2 cores: 6 trials, 2 at a time, ~1 minute each."""
+"""The smoke sweep end to end on embedded Ray (one-worker Tune trials, each training in its own process through Ray
+Train's local mode), a resume that redoes nothing, a fit of its results, and the same trial trained on a Ray Train
+worker matching it exactly."""
 
 import json
 import math
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 import app
+from app.errors import ConfigError
 from app.sweep_config import load_sweep, plan_trials
 from tests.conftest import REPO
 
@@ -68,3 +70,32 @@ def test_smoke_results_fit_to_finite_laws_and_plots(smoke, tmp_path):
     assert fit_json["n_points"] == 6 and set(fit_json["params"]) == {"E", "A", "B", "alpha", "beta"}
     for name in ("loss_vs_compute.png", "isoflop.png", "residuals.png"):
         assert (tmp_path / "fit" / name).stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_in_process_trial_trains_exactly_what_a_train_worker_does(smoke, tiny_data, tmp_path):
+    """A sweep trial trains in its Tune trial's process; the same config on a Ray Train worker (a TorchTrainer
+    with its controller and worker actor) computes the same steps, bit for bit."""
+    import pandas as pd
+
+    from pipelines import train
+
+    trial = plan_trials(load_sweep(SMOKE), [f"data.dir={tiny_data}"])[0]
+    cfg = trial.cfg.model_copy(update={"storage": str(tmp_path)})
+    on_worker = train.run(cfg, progress=False)
+    worker_history = pd.read_csv(tmp_path / trial.name / "history.csv")
+    trial_history = pd.read_csv(smoke.sweep_dir / "trials" / trial.name / "history.csv")
+    assert len(worker_history) == len(trial_history) == trial.steps
+    assert worker_history["loss"].tolist() == trial_history["loss"].tolist()
+    assert worker_history["sample_ids"].tolist() == trial_history["sample_ids"].tolist()
+    assert on_worker.summary["final_val_loss"] == smoke.df.iloc[0]["val_loss"]
+
+
+def test_in_process_run_refuses_more_than_one_worker(tiny_data, tmp_path):
+    from pipelines import train
+
+    cfg = plan_trials(load_sweep(SMOKE), [f"data.dir={tiny_data}"])[0].cfg
+    cfg = cfg.model_copy(update={"storage": str(tmp_path),
+                                 "parallel": cfg.parallel.model_copy(update={"workers": "1:2"})})
+    with pytest.raises(ConfigError, match="parallel.workers=1:2: an in-process run has exactly one worker"):
+        train.run(cfg, in_process=True)
