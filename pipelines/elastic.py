@@ -13,6 +13,7 @@ import bisect
 import os
 
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
 
 # Environment variables Ray Train reads in its controller; our config sets them before the controller starts.
@@ -43,10 +44,29 @@ class ElasticTorchTrainer(TorchTrainer):
         super().__init__(*args, **kwargs)
         self._accepted_sizes = accepted_sizes
 
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        if _state_api_available():
+            return callbacks
+        # Ray's PlacementGroupCleaner asks the state API (served by the dashboard) whether the controller still
+        # lives. Without a dashboard (our embedded Ray) every ask fails, so it can never clean anything; it logs a
+        # warning a second and the controller's shutdown waits up to 12 s for it to stop.
+        return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
     def _initialize_and_run_controller(self, **kwargs):
         if self.scaling_config.elasticity_enabled:
             kwargs["scaling_policy"] = AcceptedSizesScalingPolicy(self.scaling_config, self._accepted_sizes)
         return super()._initialize_and_run_controller(**kwargs)
+
+
+def _state_api_available() -> bool:
+    """Whether this Ray has a dashboard (which serves the state API): `ray start` has one unless told not to."""
+    from ray._private.worker import get_dashboard_url
+
+    try:
+        return bool(get_dashboard_url())
+    except Exception:  # not connected: the trainer connects (and starts Ray's defaults) itself
+        return True
 
 
 def apply_recovery_env(knobs: dict[str, float]) -> None:
