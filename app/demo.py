@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from app.errors import ConfigError, UserError
+from app.errors import ConfigError, FitError, UserError
 from app.jsonsafe import finite
 
 SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "tune_configs" / "demo.yaml"
@@ -276,10 +276,13 @@ def _sweep_fit_plan(run: _Run, teacher) -> None:
             law = fit.law
             # Priced as the CPU instance closest to this machine, with the teacher's measured tokens/s, its
             # checkpoint time and the recovery time the reclaim just cost.
-            plan = sdk.plan(flops=compute, fit=law, instance="m7i.2xlarge", spot=True,
-                            summary=Path(teacher.run_dir) / "summary.json", workers=2, preemptions_per_hour=1.0,
-                            save_seconds=max(0.1, ledger["checkpoint_s"] / max(1, saves)),
-                            restart_seconds=max(1.0, run.report["reclaim"]["recovery_s"] or 60.0))
+            try:
+                plan = sdk.plan(flops=compute, fit=law, instance="m7i.2xlarge", spot=True,
+                                summary=Path(teacher.run_dir) / "summary.json", workers=2, preemptions_per_hour=1.0,
+                                save_seconds=max(0.1, ledger["checkpoint_s"] / max(1, saves)),
+                                restart_seconds=max(1.0, run.report["reclaim"]["recovery_s"] or 60.0))
+            except FitError as err:  # six tiny runs can fit a law with no optimum: say so, and go on
+                plan = err
         exps = law.frontier_exponents()
         run.report["sweep"] = {"dir": str(result.sweep_dir), "wall_s": round(result.wall_s, 1),
                                "trials": [dict(zip(("trial", "N", "D", "C", "val_loss", "wall_s", "status"), r))
@@ -289,12 +292,17 @@ def _sweep_fit_plan(run: _Run, teacher) -> None:
             "ci": {k: list(v) for k, v in law.ci.items()}, "ci_level": law.ci_level,
             "a": exps["a"], "b": exps["b"], "files": [str(f) for f in fit.files],
             "kaplan_n": fit.kaplan_n.to_json() if fit.kaplan_n else None, "not_fitted": fit.notes}
-        run.report["plan"] = {**plan.to_dict(), "priced_as": "m7i.2xlarge (throughput measured on this machine by "
-                                                             "the teacher run)"}
+        if isinstance(plan, FitError):
+            run.report["plan"] = {"compute_flops": compute, "error": str(plan)}
+            planned = f"no plan for {compute:.2g} FLOPs: {plan}"
+        else:
+            run.report["plan"] = {**plan.to_dict(), "priced_as": "m7i.2xlarge (throughput measured on this machine "
+                                                                 "by the teacher run)"}
+            planned = (f"plan for {compute:.2g} FLOPs: N_opt {plan.n_params:.3g}, D_opt {plan.n_tokens:.3g}, "
+                       f"${plan.cost_usd:,.2f} on spot")
         line["result"] = (f"{len(result.df)} trials in {result.wall_s:.0f} s; L = {law.params['E']:.3g} + "
                           f"{law.params['A']:.3g}/N^{law.params['alpha']:.3g} + {law.params['B']:.3g}/"
-                          f"D^{law.params['beta']:.3g}; plan for {compute:.2g} FLOPs: N_opt {plan.n_params:.3g}, "
-                          f"D_opt {plan.n_tokens:.3g}, ${plan.cost_usd:,.2f} on spot")
+                          f"D^{law.params['beta']:.3g}; {planned}")
 
 
 def _specialists(run: _Run, teacher) -> dict[str, Any]:
@@ -527,15 +535,17 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[tuple]]]:
                 [(k, v, _interval(fit["ci"].get(k))) for k, v in fit["params"].items()]
                 + [("a (N_opt ∝ C^a)", fit["a"], ""), ("b (D_opt ∝ C^b)", fit["b"], "")]))
     p = report["plan"]
-    out.append((f"Plan: {p['compute_flops']:.3g} FLOPs on {p['instance']} × {p['instances']} ({p['workers']} workers)",
-                ["field", "on-demand", "spot"],
-                [("N_opt (parameters)", p["n_params"], p["n_params"]), ("D_opt (tokens)", p["n_tokens"], p["n_tokens"]),
-                 ("predicted loss", p["loss"], p["loss"]),
-                 ("tokens/s per worker", p["tokens_per_second_per_worker"], p["tokens_per_second_per_worker"]),
-                 ("checkpoint every (s)", p["on_demand"]["checkpoint_interval_s"], p["spot"]["checkpoint_interval_s"]),
-                 ("goodput", p["on_demand"]["goodput"], p["spot"]["goodput"]),
-                 ("wall hours", p["on_demand"]["wall_hours"], p["spot"]["wall_hours"]),
-                 ("USD", p["on_demand"]["cost_usd"], p["spot"]["cost_usd"])]))
+    if "error" in p:
+        out.append((f"Plan: {p['compute_flops']:.3g} FLOPs", ["field", "value"], [("no plan", p["error"])]))
+    else:
+        both = [("N_opt (parameters)", "n_params"), ("D_opt (tokens)", "n_tokens"), ("predicted loss", "loss"),
+                ("tokens/s per worker", "tokens_per_second_per_worker")]
+        priced = [("checkpoint every (s)", "checkpoint_interval_s"), ("goodput", "goodput"),
+                  ("wall hours", "wall_hours"), ("USD", "cost_usd")]
+        out.append((f"Plan: {p['compute_flops']:.3g} FLOPs on {p['instance']} × {p['instances']} "
+                    f"({p['workers']} workers)", ["field", "on-demand", "spot"],
+                    [(label, p[k], p[k]) for label, k in both]
+                    + [(label, p["on_demand"][k], p["spot"][k]) for label, k in priced]))
     models = report["models"]
     out.append(("Model cards", models["columns"], [tuple(r) for r in models["rows"]]))
     routing = report["routing"]["policies"]

@@ -366,8 +366,16 @@ def compute_optimal(compute: Any, A: float, B: float, alpha: float, beta: float)
     """Compute-optimal (N_opt, D_opt) for compute C in FLOPs under C = 6 N D (Hoffmann et al. eq. 4).
 
     N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = G^-1 (C/6)^(alpha/(alpha+beta)),
-    G = (alpha A / (beta B))^(1/(alpha+beta)). E does not move the optimum.
+    G = (alpha A / (beta B))^(1/(alpha+beta)). E does not move the optimum. Only a law whose loss falls with both
+    N and D (alpha, beta > 0) has one: otherwise the best use of compute is an ever smaller model or fewer tokens.
     """
+    from app.errors import FitError
+
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if not value > 0:
+            grows = "parameters" if name == "alpha" else "tokens"
+            raise FitError(f"no compute-optimal size: the fit has {name}={value:.3g} (loss does not fall with more "
+                           f"{grows} in these runs); fit runs that span a wider range of sizes and token budgets")
     c6 = np.asarray(compute, dtype=float) / FLOPS_PER_PARAM_TOKEN
     g = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
     return g * c6 ** (beta / (alpha + beta)), c6 ** (alpha / (alpha + beta)) / g
@@ -856,12 +864,17 @@ def _plot_fit(fit: ScalingFit, out_dir: Path, *, rel_tol: float) -> list[Path]:
     ax = fig.add_subplot()
     sc = ax.scatter(c, loss, c=np.log10(n), cmap="viridis", s=14, label="runs")
     fig.colorbar(sc, ax=ax, label="log10 N (parameters)")
-    grid_c = np.geomspace(c.min() / 3, c.max() * 100, 200)
-    n_opt, d_opt, f_loss = fit.frontier(grid_c)
-    ax.plot(grid_c, f_loss, color="crimson", label="compute-optimal frontier (approach 3)")
-    _, lo, hi = fit.predict(n_opt, d_opt)
-    if np.all(np.isfinite(lo)):
-        ax.fill_between(grid_c, lo, hi, color="crimson", alpha=0.2, label=f"{fit.ci_level:.0%} bootstrap interval")
+    has_frontier = p["alpha"] > 0 and p["beta"] > 0  # else the law has no compute-optimal size (compute_optimal)
+    if has_frontier:
+        grid_c = np.geomspace(c.min() / 3, c.max() * 100, 200)
+        n_opt, d_opt, f_loss = fit.frontier(grid_c)
+        ax.plot(grid_c, f_loss, color="crimson", label="compute-optimal frontier (approach 3)")
+        _, lo, hi = fit.predict(n_opt, d_opt)
+        if np.all(np.isfinite(lo)):
+            ax.fill_between(grid_c, lo, hi, color="crimson", alpha=0.2,
+                            label=f"{fit.ci_level:.0%} bootstrap interval")
+    else:
+        ax.plot([], [], " ", label="no compute-optimal frontier: alpha or beta ≤ 0")
     ax.set(xscale="log", yscale="log", xlabel="training compute C = 6ND (FLOPs)", ylabel="loss (nats/token)",
            title=title)
     ax.legend(fontsize=8)
@@ -882,8 +895,9 @@ def _plot_fit(fit: ScalingFit, out_dir: Path, *, rel_tol: float) -> list[Path]:
         ns = np.geomspace(n[mask].min() / 1.5, n[mask].max() * 1.5, 100)
         curve, _, _ = fit.predict(ns, c_g / (FLOPS_PER_PARAM_TOKEN * ns))
         ax.plot(ns, curve, color=colours[g], lw=1, label=f"C = {c_g:.2g}")
-        n_star, _, l_star = fit.frontier(c_g)
-        ax.plot([n_star], [l_star], marker="*", color=colours[g], ms=10, mec="black", mew=0.5)
+        if has_frontier:
+            n_star, _, l_star = fit.frontier(c_g)
+            ax.plot([n_star], [l_star], marker="*", color=colours[g], ms=10, mec="black", mew=0.5)
     ax.set(xscale="log", xlabel="N (parameters)", ylabel="loss (nats/token)", title="IsoFLOP profiles (★ = N_opt)")
     if ax.get_legend_handles_labels()[1]:
         ax.legend(fontsize=7, ncol=2)

@@ -6,9 +6,9 @@ Each Tune trial is a function trainable that calls `pipelines.train.run(cfg)`: a
 inside the trial, which is how Ray's Train/Tune guide runs distributed training under Tune (the trial only drives;
 its Train workers hold the CPUs/GPUs). A one-worker trial — the usual small-model sweep — trains in the trial's own
 process instead (Ray Train's local mode; the trial holds the worker's CPUs/GPU): no controller or worker actor to
-start, which on 2 cores halves a small trial's wall time. A trial trains its whole cosine schedule (steps from its
-token budget, no early stopping) and reports the final validation loss, N (non-embedding parameters), D (tokens), C = 6ND and the
-model's own FLOPs. The sweep folder holds:
+start, which on 2 cores takes a small trial from ~1 minute to ~13 s. A trial trains its whole cosine schedule (steps
+from its token budget, no early stopping) and reports the final validation loss, N (non-embedding parameters), D
+(tokens), C = 6ND and the model's own FLOPs. The sweep folder holds:
 
     sweep.json              the validated sweep and its trial list (a resumed sweep must match it)
     results.parquet / .csv  one row per trial (status, N, D, C, losses, wall time)

@@ -81,8 +81,11 @@ def test_fit_and_plan_are_finite(demo):
     assert set(fit["params"]) == {"E", "A", "B", "alpha", "beta"}
     assert all(math.isfinite(v) for v in fit["params"].values()), fit["params"]
     assert math.isclose(fit["a"] + fit["b"], 1.0, abs_tol=1e-6)
-    assert plan["n_params"] > 0 and plan["n_tokens"] > 0 and math.isfinite(plan["loss"])
-    assert 0 < plan["spot"]["cost_usd"] < plan["on_demand"]["cost_usd"]
+    if fit["params"]["alpha"] > 0 and fit["params"]["beta"] > 0:
+        assert plan["n_params"] > 0 and plan["n_tokens"] > 0 and math.isfinite(plan["loss"])
+        assert 0 < plan["spot"]["cost_usd"] < plan["on_demand"]["cost_usd"]
+    else:  # six tiny runs can fit a law whose loss grows with N or D: no optimum, and the report says why
+        assert "no compute-optimal size" in plan["error"] and "no plan" in demo["stdout"], plan
 
 
 @pytest.mark.slow

@@ -338,6 +338,24 @@ def test_plot_writes_three_non_empty_pngs(noisy_fit, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
 
 
+def test_plot_of_a_law_without_frontier_still_writes_its_pngs(noisy_fit, tmp_path):
+    from dataclasses import replace
+
+    flat = replace(noisy_fit, params={**noisy_fit.params, "alpha": -0.5})  # loss grows with N: no optimum
+    paths = flat.plot(tmp_path / "plots")
+    assert len(paths) == 3 and all(p.stat().st_size > 5000 for p in paths)
+
+
 def test_importing_scaling_does_not_import_matplotlib():
     code = "import sys, app.scaling; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+@pytest.mark.parametrize("alpha,beta,name", [(-2.84, 2.34, "alpha=-2.84"), (0.34, 0.0, "beta=0")])
+def test_no_frontier_for_a_law_whose_loss_does_not_fall(alpha, beta, name):
+    # A fit of six tiny runs once landed on alpha < 0; the frontier then took a fractional power of a negative
+    # number and the planner crashed on a complex N_opt.
+    from app.errors import FitError
+
+    with pytest.raises(FitError, match=f"no compute-optimal size: the fit has {name}"):
+        scaling.compute_optimal(1e18, 1e-17, 1.07e8, alpha, beta)
