@@ -247,7 +247,7 @@ def plan(*, flops: float | None = None, usd: float | None = None, instance: str 
     it tokens/s is estimated from the instance's peak FLOP/s × `mfu`. With `flops` and no `instance`, the
     instance type that makes the run cheapest is chosen. Returns a `TrainingPlan`."""
     from app import costs
-    from app.errors import PlanError
+    from app.errors import FitError, PlanError
     from app.scaling import ScalingFit, published_fit
 
     if (flops is None) == (usd is None):
@@ -274,6 +274,8 @@ def plan(*, flops: float | None = None, usd: float | None = None, instance: str 
         if instance is not None:
             return one(instance)
         return min((one(name) for name in table), key=lambda p: p.cost_usd)
+    except FitError:  # the law has no compute-optimal size: a fact about the fit, not about the plan's inputs
+        raise
     except ValueError as err:
         raise PlanError(str(err)) from None
 

@@ -359,3 +359,14 @@ def test_no_frontier_for_a_law_whose_loss_does_not_fall(alpha, beta, name):
 
     with pytest.raises(FitError, match=f"no compute-optimal size: the fit has {name}"):
         scaling.compute_optimal(1e18, 1e-17, 1.07e8, alpha, beta)
+
+
+def test_planner_reports_a_law_without_frontier_as_a_fit_error(noisy_fit):
+    from dataclasses import replace
+
+    from app import sdk
+    from app.errors import FitError
+
+    flat = replace(noisy_fit, params={**noisy_fit.params, "beta": -0.1})
+    with pytest.raises(FitError, match="the fit has beta=-0.1 .loss does not fall with more tokens"):
+        sdk.plan(flops=1e20, fit=flat, instance="m7i.2xlarge", spot=True)
