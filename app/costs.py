@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import yaml
 from scipy.optimize import brentq
 
+from app.jsonsafe import finite
 from app.scaling import FLOPS_PER_PARAM_TOKEN, ScalingFit
 
 DEFAULT_PRICES = Path(__file__).with_name("prices.yaml")
@@ -196,11 +197,11 @@ class TrainingPlan:
         return self.chosen.cost_usd
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict; NaN becomes None."""
+        """Plain JSON-ready dict; NaN and ±inf become None."""
         out = asdict(self)
         out.update(wall_hours=self.wall_hours, cost_usd=self.cost_usd,
                    checkpoint_interval_s=self.chosen.checkpoint_interval_s, goodput=self.chosen.goodput)
-        return _nan_to_none(out)
+        return finite(out)
 
     def _repr_html_(self) -> str:
         """A field/value table in notebooks (the two purchase options flattened to on_demand.*, spot.*)."""
@@ -211,14 +212,6 @@ class TrainingPlan:
             items = value.items() if isinstance(value, dict) else [(None, value)]
             rows += [(f"{key}.{sub}" if sub else key, v) for sub, v in items]
         return html_table(["field", "value"], rows)
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    return obj
 
 
 def plan_training(
