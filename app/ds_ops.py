@@ -10,13 +10,19 @@ and every later training run hangs in ``deepspeed.init_distributed`` forever.
 else in its folder have been untouched for ``STALE_AFTER_S`` (a real compile writes objects and ninja logs as it
 goes; a load holds the lock for milliseconds). ``python -m app.ds_ops`` builds the op ahead of time (``make install``
 does this).
+
+``import_muon_uncompiled()`` imports DeepSpeed's Muon optimizer, which DeepSpeed imports on every ZeRO engine start,
+without the ``torch.compile`` of its kernels that pulls in torch's inductor compiler: 2-3 s of every worker start
+(and so of every recovery) for an optimizer we never use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -89,6 +95,35 @@ def stale_lock_breaker(stale_after_s: float = STALE_AFTER_S, poll_s: float = 5.0
     finally:
         stop.set()
         watcher.join()
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer with its ``torch.compile`` decorators left out (idempotent).
+
+    DeepSpeed 0.19.8 imports ``deepspeed.runtime.zero.muon.muon_optimizer`` in ``deepspeed.initialize`` (to ask
+    whether our optimizer is ZeRO-supported) and in the ZeRO 1/2 gradient reduction and ZeRO-3 set-up (to ask
+    whether the optimizer is Muon). At import that module wraps three kernels in ``torch.compile``, and
+    ``torch.compile`` imports torch's inductor compiler on the spot: 2.6 s of a 3.4 s ``initialize`` for the tiny
+    model, paid by every worker at every start and restart. We never train with Muon (the optimizer is always
+    ``torch.optim.AdamW``), so we import it once with ``torch.compile`` standing in as the identity: the module and
+    its classes are all there, its kernels just stay eager."""
+    if MUON_MODULE in sys.modules:
+        return
+    import torch
+
+    real = torch.compile
+
+    def eager(model=None, **_kwargs):
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = eager
+    try:
+        importlib.import_module(MUON_MODULE)
+    finally:
+        torch.compile = real
 
 
 def build_comm_op():

@@ -183,7 +183,7 @@ def _build_engine(cfg: TrainConfig, plan, precision: str, load_universal: bool =
     import deepspeed
     import torch
 
-    from app.ds_ops import stale_lock_breaker
+    from app.ds_ops import import_muon_uncompiled, stale_lock_breaker
     from app.model import GPT
     from app.parallel import deepspeed_config
 
@@ -203,6 +203,7 @@ def _build_engine(cfg: TrainConfig, plan, precision: str, load_universal: bool =
     optimizer, scheduler = _optimizer(cfg, model)
     ds_config = deepspeed_config(plan, p.zero_stage, p.offload_optimizer, precision, cfg.optim.grad_clip,
                                  load_universal)
+    import_muon_uncompiled()  # 2-3 s of inductor imports per worker start, for an optimizer we do not use
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine
 

@@ -49,3 +49,41 @@ def test_a_waiter_on_a_dead_holders_lock_is_freed(tmp_path):
         thread.start()
         assert waited.wait(10), "the waiter is still blocked on the stale lock"
     assert not (folder / "lock").exists()
+
+
+def test_engine_build_imports_deepspeeds_muon_without_its_compiler(tmp_path):
+    """DeepSpeed imports its Muon optimizer on every ZeRO start and in the gradient reduction, and Muon's import
+    pulls in torch's inductor compiler (2-3 s of every worker start). Built in a fresh interpreter and trained two
+    steps under ZeRO 2: the engine still accepts our AdamW, Muon is there (kernels eager), the compiler never loads,
+    and torch.compile is torch's own again."""
+    import json
+    import subprocess
+    import sys
+
+    script = """
+import json, os, sys
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch, torch.distributed as dist
+real_compile = torch.compile
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+from app.config import load_config
+from app.parallel import batch_plan
+from pipelines.train import _build_engine
+cfg = load_config("tiny", ["parallel.zero_stage=2"])
+engine = _build_engine(cfg, batch_plan(8, 4, 1, 1), "fp32")
+x = torch.randint(0, cfg.model.vocab_size, (4, cfg.model.seq_len))
+before = next(engine.module.parameters()).detach().clone()
+for _ in range(2):  # the warm-up's first step has lr 0
+    _, loss = engine(x, x.roll(-1, dims=1))
+    engine.backward(loss)
+    engine.step()
+muon = sys.modules["deepspeed.runtime.zero.muon.original_muon"]
+print(json.dumps({"optimizer": type(engine.optimizer).__name__, "muon_eager": not hasattr(muon.muon_update, "_torchdynamo_orig_callable"),
+                  "stepped": not torch.equal(before, next(engine.module.parameters())),
+                  "inductor": "torch._inductor.compile_fx" in sys.modules, "compile_restored": torch.compile is real_compile}))
+"""
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "store")], capture_output=True, text=True,
+                         check=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"optimizer": "DeepSpeedZeroOptimizer", "muon_eager": True, "stepped": True, "inductor": False,
+                   "compile_restored": True}
