@@ -182,7 +182,8 @@ class ElasticConfig(StrictModel):
     """Preemption handling and how fast a worker group recovers (Ray's defaults wait about a minute)."""
 
     preemption_check_every: int = Field(
-        ge=1, description="Poll ray.train.get_preemption_info() every N steps (a barrier across workers)."
+        ge=1, description="Poll ray.train.get_preemption_info() (a barrier across workers) at most every N steps, "
+        "and at most once per preemption_poll_interval_s (every step while a notice stands)."
     )
     max_preemption_failures: int = Field(ge=-1, description="Spot reclaims to recover from (-1 = unlimited).")
     resize_monitor_interval_s: float = Field(

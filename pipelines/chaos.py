@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from app.config import TrainConfig
 from app.errors import ConfigError
@@ -171,6 +171,16 @@ def train_with_fault(cfg: TrainConfig, scenario: str, cluster: LocalCluster, at_
     """Train `cfg` on `cluster` (this driver already connected to it) and inject `scenario` once training passes
     `at_step`. Returns (TrainResult, when the fault happened); the times are None when the run ended before
     `at_step`. A run that fails raises here, also before the fault."""
+    result, faults = train_with_faults(cfg, scenario, cluster, [at_step], notice_s, rejoin_after_s)
+    return result, (faults[0] if faults else None)
+
+
+def train_with_faults(cfg: TrainConfig, scenario: str, cluster: LocalCluster, at_steps: Sequence[int],
+                      notice_s: int, rejoin_after_s: float | None) -> tuple[Any, list[dict[str, float]]]:
+    """Like `train_with_fault`, injecting `scenario` once past each of `at_steps` (ascending). Every fault after
+    the first waits until the group has grown back to full size, so each one hits a whole group (as a reclaim
+    after the autoscaler replaced the last one would). Returns (TrainResult, one times dict per fault injected)."""
+    from app.config import parse_workers
     from pipelines import train
 
     outcome: dict[str, Any] = {}
@@ -183,19 +193,30 @@ def train_with_fault(cfg: TrainConfig, scenario: str, cluster: LocalCluster, at_
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    follower, times = _Follower(cfg.name), None
-    while thread.is_alive():  # a run that fails early must not leave us waiting for its step
+    follower, faults, pending = _Follower(cfg.name), [], sorted(at_steps)
+    full = parse_workers(cfg.parallel.workers)[1]
+    while thread.is_alive() and pending:  # a run that fails early must not leave us waiting for its step
         try:
-            follower.wait_for_step(at_step, timeout=1.0)
+            follower.wait_for_step(pending[0], timeout=1.0)
+            if faults and len(follower.workers()) < full:
+                time.sleep(0.5)  # not grown back yet
+                continue
         except TimeoutError:
             continue
-        times = _inject(scenario, cluster, follower, Path(cfg.storage).resolve() / cfg.name, at_step, notice_s,
-                        rejoin_after_s)
-        break
+        faults.append(_inject(scenario, cluster, follower, Path(cfg.storage).resolve() / cfg.name, pending.pop(0),
+                              notice_s, rejoin_after_s))
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
-    return outcome["result"], times
+    return outcome["result"], faults
+
+
+def recovery_s(records: list[dict], death: float) -> float | None:
+    """Seconds from `death` to the start of the first step of a later attempt than the one running at `death`
+    (None when no attempt started after it)."""
+    running = max((r["attempt"] for r in records if r["time"] <= death), default=0)
+    after = [r["time"] - r["step_time_s"] for r in records if r["time"] > death and r["attempt"] > running]
+    return min(after) - death if after else None
 
 
 def measure(reference, disturbed, times: dict[str, float], scenario: str) -> dict[str, Any]:
@@ -208,12 +229,10 @@ def measure(reference, disturbed, times: dict[str, float], scenario: str) -> dic
     got_loss = disturbed.history.set_index("step")["loss"]
     common = ref_loss.index.intersection(got_loss.index)
     rel = (got_loss[common] - ref_loss[common]).abs() / ref_loss[common]
-    death = times.get("death", 0.0)
-    after = [r for r in disturbed.records if r["time"] > death and r["attempt"] > 1]
-    recovery_s = min(r["time"] - r["step_time_s"] for r in after) - death if after else None
+    recovery = recovery_s(disturbed.records, times.get("death", 0.0))
     report = {
         "scenario": scenario,
-        "recovery_s": round(recovery_s, 2) if recovery_s is not None else None,
+        "recovery_s": round(recovery, 2) if recovery is not None else None,
         "lost_steps": disturbed.summary["lost_steps"],
         "duplicated_samples": int(sum((got_ids - ref_ids).values())),
         "skipped_samples": int(sum((ref_ids - got_ids).values())),

@@ -342,7 +342,9 @@ def train_loop_per_worker(config: dict) -> None:
         start_step = found.state["step"]
         restore_s = time.perf_counter() - t0
     if rank == 0:
-        board.attempt.remote(world, start_step, found.state["dp"] if found else None, conversion_s, len(stream))
+        ray.get(board.attempt.remote(world, start_step, found.state["dp"] if found else None, conversion_s,
+                                     len(stream)))
+    dist.barrier()  # every worker registers under this attempt, not the previous one (a fault injector's targets)
     board.worker.remote(rank, os.getpid(), ray.get_runtime_context().get_node_id())
 
     mtbf_s = _mtbf_seconds(cfg, ray.get(board.started.remote())) if rank == 0 else 0.0
@@ -354,6 +356,7 @@ def train_loop_per_worker(config: dict) -> None:
     gauges = RayTrainMetrics(cfg.name) if rank == 0 else None
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
     jit_saved, last_save_s = False, 0.0
+    check_due, last_check = True, time.monotonic()
     for step in range(start_step, end):
         # Dropout masks depend only on (seed, step, rank): a resumed step draws exactly what it drew before.
         torch.manual_seed(cfg.seed * 1_000_003 + step * 4099 + rank)
@@ -379,28 +382,33 @@ def train_loop_per_worker(config: dict) -> None:
         step_time = time.perf_counter() - t0
 
         done = step + 1
-        # A drain notice (spot reclaim) reaches every rank through this barrier at the same steps.
-        notice = _train_fn_utils().get_preemption_info() if done % cfg.elastic.preemption_check_every == 0 else None
+        # A drain notice (spot reclaim) reaches every rank through this barrier at the same steps: those where the
+        # previous step's table says it is due (Ray refreshes drain notices once per preemption_poll_interval_s, so
+        # asking every step, ~5 ms each on two CPU workers, only costs), and every step while a notice stands.
+        check = check_due and done % cfg.elastic.preemption_check_every == 0
+        notice = _train_fn_utils().get_preemption_info() if check else None
+        if check:
+            last_check = time.monotonic()
         # One small all-gather per step: the global mean loss, per-rank step times (stragglers), and rank 0's
-        # wall-clock decisions (a timed checkpoint; winding down before a preemption deadline), so every rank
-        # takes the same branch below.
+        # wall-clock decisions (a timed checkpoint; winding down before a preemption deadline; the next notice
+        # check), so every rank takes the same branch below; then each rank's sample ids.
         interval_s = _checkpoint_interval_s(cfg, last_save_s, step_time, mtbf_s)
         time_says_save = float(interval_s is not None and time.monotonic() - last_save >= interval_s)
         wind_down = float(notice is not None and _must_wind_down(notice, step_time, last_save_s))
+        time_says_check = float(notice is not None
+                                or time.monotonic() - last_check >= cfg.elastic.preemption_poll_interval_s)
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         kl_now = train_kl if not pipelined else 0.0
         # ray.train.report blocks until Ray Train's controller has taken the previous report, which it polls once
         # per health-check interval (~0.9 s per report measured when reporting every few steps): report at most
         # once per two intervals so a report never waits. Every step still reaches the board and the gauges.
         time_says_report = float(done % cfg.log_every == 0 and time.monotonic() - last_report >= report_gap_s)
-        mine = torch.tensor([loss, step_time, time_says_save, rss_mb, wind_down, kl_now, time_says_report],
-                            dtype=torch.float64)
-        gathered = [torch.zeros_like(mine) for _ in range(world)]
-        dist.all_gather(gathered, mine)
-        table = torch.stack(gathered)
+        table, sample_ids = _gather_step_table(
+            [loss, step_time, time_says_save, rss_mb, wind_down, kl_now, time_says_report, time_says_check],
+            order, step, plan, dp_rank, world)
         global_loss = float(table[:, 0].mean())
         times = table[:, 1].tolist()
-        sample_ids = _gather_sample_ids(order, step, plan, dp_rank, world)
+        check_due = bool(table[0, 7])
 
         last = done == end
         evaluated = last or bool(cfg.eval_every and done % cfg.eval_every == 0)
@@ -512,18 +520,22 @@ def _repair_universal_load(engine, decay_by_group: list[float]) -> None:
             state["step"] = state["step"].clone()
 
 
-def _gather_sample_ids(order, step: int, plan, dp_rank: int, world: int) -> list[int]:
-    """The window ids every data-parallel rank actually trained on at this step, in rank order: what makes
-    "no sample skipped or repeated across a resize" a measured fact rather than an assumption."""
+def _gather_step_table(values: list[float], order, step: int, plan, dp_rank: int, world: int):
+    """One all-gather per step: every rank's `values` (a [world, len(values)] float64 table, in rank order) and the
+    window ids every data-parallel rank actually trained on at this step, in dp-rank order: what makes "no sample
+    skipped or repeated across a resize" a measured fact rather than an assumption. (Window ids are exact in
+    float64 up to 2**53.)"""
     import torch
     import torch.distributed as dist
 
-    mine = torch.as_tensor(order.batch_ids(step, plan.global_batch, dp_rank, plan.dp), dtype=torch.int64)
-    tagged = torch.cat([torch.tensor([dp_rank]), mine])
-    gathered = [torch.zeros_like(tagged) for _ in range(world)]
-    dist.all_gather(gathered, tagged)
-    by_rank = {int(t[0]): t[1:].tolist() for t in gathered}  # pipeline stages of one dp rank agree
-    return [i for r in sorted(by_rank) for i in by_rank[r]]
+    ids = order.batch_ids(step, plan.global_batch, dp_rank, plan.dp)
+    mine = torch.tensor([*values, dp_rank, *ids], dtype=torch.float64)
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    rows = torch.stack(gathered)
+    k = len(values)
+    by_rank = {int(r[k]): [int(i) for i in r[k + 1:].tolist()] for r in rows}  # pipeline stages of one dp rank agree
+    return rows[:, :k], [i for r in sorted(by_rank) for i in by_rank[r]]
 
 
 def _reshard(local: str, remote_path: str, fs, rank: int) -> float:
