@@ -233,8 +233,10 @@ def _train_through_reclaim(cfg, s: DemoSizes):
 
 def _reclaim_report(result, times: dict[str, float], s: DemoSizes) -> dict[str, Any]:
     """What the reclaim cost (the chaos harness's measures that need no reference run)."""
+    from pipelines.chaos import recovery_s
+
     death, notice = times["death"], times["notice"]
-    after = [r for r in result.records if r["time"] > death and r["attempt"] > 1]
+    recovery = recovery_s(result.records, death)
     during = [r for r in result.records if notice <= r["time"] <= death]
     checkpoints = [r["checkpoint"] for r in result.records if r.get("checkpoint")]
     return {
@@ -242,7 +244,7 @@ def _reclaim_report(result, times: dict[str, float], s: DemoSizes) -> dict[str, 
         "notice_s": round(death - notice, 2),
         "steps_during_notice": len(during),
         "checkpoints": {k: checkpoints.count(k) for k in sorted(set(checkpoints))},
-        "recovery_s": round(min(r["time"] - r["step_time_s"] for r in after) - death, 1) if after else None,
+        "recovery_s": round(recovery, 1) if recovery is not None else None,
         "resumed_from_steps": [a["start_step"] for a in result.attempts],
         "world_sizes": result.summary["world_sizes"],
         "restarts": result.summary["restarts"],

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -37,8 +38,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # Per preset: steps of a scenario run, its checkpoint interval, and where the fault lands.
 SCENARIO_RUNS = {
-    "tiny": {"steps": 300, "every_steps": 50, "inject_at_step": 60},
-    "bench": {"steps": 120, "every_steps": 20, "inject_at_step": 40},
+    "tiny": {"steps": 600, "every_steps": 100, "inject_at_step": 60},  # long enough to grow back after a resize
+    "bench": {"steps": 60, "every_steps": 10, "inject_at_step": 20},  # ~2 s per step on two CPU workers
 }
 BASE_EVERY_STEPS = 50  # app/presets/base.yaml checkpoint.every_steps
 
@@ -90,6 +91,7 @@ def goodput_run(preset: str, reference, minutes: float, reclaims: int, notice_s:
         "checkpoint": cfg.checkpoint.model_copy(update={
             "every_steps": 0, "every_minutes": "auto", "mtbf_minutes": minutes / reclaims}),
     })
+    shutil.rmtree(storage / run_cfg.name, ignore_errors=True)  # a run of that name would resume, not start over
     at_steps = [steps * (i + 1) // (reclaims + 1) for i in range(reclaims)]
     print(f"[{preset}] goodput: {steps} steps (~{minutes:g} min), spot reclaims past steps {at_steps} ...",
           flush=True)

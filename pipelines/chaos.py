@@ -10,7 +10,8 @@ trains an undisturbed reference run, then the same run (elastic, `1:N` workers) 
   kill-worker      SIGKILL of one training worker process
   kill-node        a worker node removed without notice; a fresh node joins later
   torn-checkpoint  the newest checkpoint loses a shard, then a worker is killed: the restart must skip it
-  resize           a node leaves (drained without a deadline), then joins again: world 2 → 1 → 2
+  resize           a node leaves (drained with a deadline, removed at it), and joins again once the group has
+                   trained without it: world 2 → 1 → 2
 
 It writes chaos.json with recovery_s, lost_steps, duplicated_samples, skipped_samples,
 max_rel_loss_diff_vs_reference, goodput and world_sizes, and stops every process it started.
@@ -116,6 +117,18 @@ class _Follower:
             time.sleep(0.2)
         raise TimeoutError(f"training did not reach step {step} within {timeout:.0f} s")
 
+    def wait_for_world_size(self, size: int, timeout: float = 600) -> None:
+        """Until a step trained at world size `size` has been posted."""
+        import ray
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            records, _, _ = ray.get(self._board().snapshot.remote(0))
+            if records and records[-1]["world_size"] == size:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"training did not run at world size {size} within {timeout:.0f} s")
+
     def workers(self) -> list[dict]:
         import ray
 
@@ -158,10 +171,17 @@ def _inject(scenario: str, cluster: LocalCluster, follower: _Follower, run_path:
         times["death"] = time.time()
         os.kill(victim["pid"], signal.SIGKILL)
     elif scenario == "resize":
-        cluster.drain(victim["node_id"], "DRAIN_NODE_REASON_IDLE_TERMINATION", None)
+        # A planned departure: Ray accepts an IDLE_TERMINATION drain only for idle nodes, so the node is drained
+        # like a reclaim (with `notice_s`) and leaves at the deadline; it joins again once the group has trained
+        # without it, so the run really goes 2 → 1 → 2.
+        smaller = max(1, len(follower.workers()) - 1)
+        times["notice"] = time.time()
+        cluster.drain(victim["node_id"], "DRAIN_NODE_REASON_PREEMPTION", notice_s)
+        time.sleep(notice_s)
         cluster.remove(victim["node_id"])
         times["death"] = time.time()
-        time.sleep(rejoin_after_s or 4.0)
+        follower.wait_for_world_size(smaller)
+        time.sleep(rejoin_after_s or 0.0)
         cluster.add()  # a resize always comes back: that is the scenario
     return times
 
@@ -195,17 +215,21 @@ def train_with_faults(cfg: TrainConfig, scenario: str, cluster: LocalCluster, at
     thread.start()
     follower, faults, pending = _Follower(cfg.name), [], sorted(at_steps)
     full = parse_workers(cfg.parallel.workers)[1]
-    while thread.is_alive() and pending:  # a run that fails early must not leave us waiting for its step
-        try:
-            follower.wait_for_step(pending[0], timeout=1.0)
-            if faults and len(follower.workers()) < full:
-                time.sleep(0.5)  # not grown back yet
+    try:
+        while thread.is_alive() and pending:  # a run that fails early must not leave us waiting for its step
+            try:
+                follower.wait_for_step(pending[0], timeout=1.0)
+                if faults and len(follower.workers()) < full:
+                    time.sleep(0.5)  # not grown back yet
+                    continue
+            except TimeoutError:
                 continue
-        except TimeoutError:
-            continue
-        faults.append(_inject(scenario, cluster, follower, Path(cfg.storage).resolve() / cfg.name, pending.pop(0),
-                              notice_s, rejoin_after_s))
-    thread.join()
+            faults.append(_inject(scenario, cluster, follower, Path(cfg.storage).resolve() / cfg.name,
+                                  pending.pop(0), notice_s, rejoin_after_s))
+    finally:
+        # Also when an injection failed: the run then ends undisturbed (or recovers from what was done), and only
+        # after that may the cluster be shut down — a driver thread still training would reconnect to it.
+        thread.join()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"], faults

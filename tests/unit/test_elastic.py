@@ -24,3 +24,29 @@ def test_no_placement_group_cleaner_without_a_dashboard(ray_local):
 def test_placement_group_cleaner_kept_where_a_dashboard_runs(ray_local, monkeypatch):
     monkeypatch.setenv("RAY_OVERRIDE_DASHBOARD_URL", "http://127.0.0.1:8265")
     assert sum(isinstance(c, PlacementGroupCleanerCallback) for c in _callbacks()) == 1
+
+
+def test_a_draining_node_is_not_counted_for_a_restart(monkeypatch):
+    """A reclaimed node stays 'alive' until the GCS misses its health checks; a restart that counted it waited out
+    the whole worker-group start timeout. Sizes are also rounded down to what the batch plan accepts."""
+    from pipelines import elastic
+
+    policy = elastic.AcceptedSizesScalingPolicy(
+        ScalingConfig(num_workers=(1, 4), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2, 4])
+    nodes = {"a" * 56: {"CPU": 1.0}, "b" * 56: {"CPU": 1.0}, "c" * 56: {"CPU": 1.0}}
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
+    assert policy._count_possible_workers(nodes) == 2  # 3 fit; 3 is not accepted
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {"b" * 56})
+    assert policy._count_possible_workers(nodes) == 2  # 2 nodes stay
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {"b" * 56, "c" * 56})
+    assert policy._count_possible_workers(nodes) == 1
+
+
+def test_draining_nodes_asks_ray_core(ray_local):
+    import ray
+
+    from pipelines.elastic import draining_nodes
+
+    # the call draining_nodes() makes (it swallows errors, so check the API itself is there) and its answer
+    assert ray._private.state.state.get_draining_nodes() == {}  # the embedded one-node Ray drains nothing
+    assert draining_nodes() == set()
