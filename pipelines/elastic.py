@@ -1,5 +1,6 @@
 """Elastic worker groups: a TorchTrainer whose elastic scaling only picks world sizes the batch plan accepts,
-and the recovery knobs that decide how fast a group comes back after a node is lost.
+counts no draining node, checkpoints before it resizes a running group, and the recovery knobs that decide how
+fast a group comes back after a node is lost.
 
 Ray Train's elastic policy starts as many workers as resources allow within (min, max). A global batch of 32 with
 micro-batch 8 splits over 1, 2 or 4 workers but not 3, so we round its choice down to the nearest accepted size.
@@ -10,11 +11,18 @@ on ray.train.v2 internals, which is why ray is pinned to 2.60.0 in constraints.t
 from __future__ import annotations
 
 import bisect
+import logging
 import os
+import time
 
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
+
+log = logging.getLogger(__name__)
+
+SAVE_BEFORE_RESIZE_TIMEOUT_S = 60.0
+"""How long a resize waits for the group's checkpoint before it goes ahead without one."""
 
 # Environment variables Ray Train reads in its controller; our config sets them before the controller starts.
 RECOVERY_ENV = {
@@ -33,9 +41,39 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
     asked for the leaving node's CPUs too and waited out the whole worker-group start timeout (measured: 30 s of a
     40 s recovery) before settling for the survivors."""
 
-    def __init__(self, scaling_config, accepted_sizes: list[int]) -> None:
+    def __init__(self, scaling_config, accepted_sizes: list[int], board=None) -> None:
         super().__init__(scaling_config)
         self._accepted = sorted(accepted_sizes)
+        self._board = board  # the run's progress board: where a resize asks the workers for a checkpoint
+        self._pending: tuple[ResizeDecision, int, float] | None = None  # (decision, request token, asked at)
+        self._now = time.monotonic
+
+    def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
+        """Ray resizes a running group by restarting it from its last checkpoint, which loses every step since.
+        So a resize first asks the workers (through the board) for a checkpoint and goes ahead once it is sealed,
+        or after SAVE_BEFORE_RESIZE_TIMEOUT_S without one."""
+        if self._pending is None:
+            decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
+            if not isinstance(decision, ResizeDecision) or self._board is None:
+                return decision
+            try:
+                self._pending = (decision, ray_get(self._board.request_save.remote()), self._now())
+            except Exception:  # the board is gone (the run is ending): resize as Ray would
+                return decision
+            return NoopDecision()
+        decision, token, asked_at = self._pending
+        try:
+            saved = ray_get(self._board.saved_for.remote(token))
+        except Exception:
+            saved = False
+        waited = self._now() - asked_at
+        if not saved and waited < SAVE_BEFORE_RESIZE_TIMEOUT_S:
+            return NoopDecision()
+        if not saved:
+            log.warning("resizing to %d workers without a fresh checkpoint: none sealed within %.0f s",
+                        decision.num_workers, waited)
+        self._pending = None
+        return decision
 
     def _count_possible_workers(self, reserved_resources) -> int:
         leaving = draining_nodes()
@@ -43,6 +81,12 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         possible = super()._count_possible_workers(staying)
         i = bisect.bisect_right(self._accepted, possible)
         return self._accepted[i - 1] if i else 0
+
+
+def ray_get(ref, timeout: float = 5.0):
+    import ray
+
+    return ray.get(ref, timeout=timeout)
 
 
 def draining_nodes() -> set[str]:
@@ -58,9 +102,10 @@ def draining_nodes() -> set[str]:
 class ElasticTorchTrainer(TorchTrainer):
     """A TorchTrainer that starts and resizes only at accepted world sizes."""
 
-    def __init__(self, *args, accepted_sizes: list[int], **kwargs) -> None:
+    def __init__(self, *args, accepted_sizes: list[int], board=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._accepted_sizes = accepted_sizes
+        self._board = board
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
@@ -73,7 +118,8 @@ class ElasticTorchTrainer(TorchTrainer):
 
     def _initialize_and_run_controller(self, **kwargs):
         if self.scaling_config.elasticity_enabled:
-            kwargs["scaling_policy"] = AcceptedSizesScalingPolicy(self.scaling_config, self._accepted_sizes)
+            kwargs["scaling_policy"] = AcceptedSizesScalingPolicy(self.scaling_config, self._accepted_sizes,
+                                                                  self._board)
         return super()._initialize_and_run_controller(**kwargs)
 
 

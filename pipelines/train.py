@@ -90,6 +90,7 @@ def _progress_board_cls():
             self.attempts: list[dict] = []
             self.ledger: dict[str, float] = {}
             self.workers: list[dict] = []  # every worker process ever started: rank, pid, node, attempt
+            self.save_requests, self.save_request, self.saves_done = 0, None, set()  # checkpoints before resizes
 
         def worker(self, rank: int, pid: int, node_id: str) -> None:
             self.workers.append({"rank": rank, "pid": pid, "node_id": node_id, "attempt": len(self.attempts),
@@ -110,6 +111,24 @@ def _progress_board_cls():
             self.records.append({**record, "attempt": len(self.attempts)})
             for k, v in ledger.items():
                 self.ledger[k] = self.ledger.get(k, 0.0) + v
+
+        def request_save(self) -> int:
+            """A resize is coming (the elastic policy asks): the workers checkpoint at their next agreed step.
+            Returns the request's token."""
+            self.save_requests += 1
+            self.save_request = self.save_requests
+            return self.save_requests
+
+        def pending_save(self) -> int | None:
+            return self.save_request
+
+        def saved(self, token: int) -> None:
+            self.saves_done.add(token)
+            if self.save_request == token:
+                self.save_request = None
+
+        def saved_for(self, token: int) -> bool:
+            return token in self.saves_done
 
         def started(self) -> list[float]:
             """Start times of the worker groups so far (a restart count and an observed failure rate)."""
@@ -356,7 +375,7 @@ def train_loop_per_worker(config: dict) -> None:
     gauges = RayTrainMetrics(cfg.name) if rank == 0 else None
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
     jit_saved, last_save_s = False, 0.0
-    check_due, last_check = True, time.monotonic()
+    check_due, last_check, save_token = True, time.monotonic(), None
     for step in range(start_step, end):
         # Dropout masks depend only on (seed, step, rank): a resumed step draws exactly what it drew before.
         torch.manual_seed(cfg.seed * 1_000_003 + step * 4099 + rank)
@@ -389,6 +408,8 @@ def train_loop_per_worker(config: dict) -> None:
         notice = _train_fn_utils().get_preemption_info() if check else None
         if check:
             last_check = time.monotonic()
+            if rank == 0:  # at the same cadence: has the elastic policy asked for a checkpoint before a resize?
+                save_token = ray.get(board.pending_save.remote())
         # One small all-gather per step: the global mean loss, per-rank step times (stragglers), and rank 0's
         # wall-clock decisions (a timed checkpoint; winding down before a preemption deadline; the next notice
         # check), so every rank takes the same branch below; then each rank's sample ids.
@@ -403,17 +424,21 @@ def train_loop_per_worker(config: dict) -> None:
         # per health-check interval (~0.9 s per report measured when reporting every few steps): report at most
         # once per two intervals so a report never waits. Every step still reaches the board and the gauges.
         time_says_report = float(done % cfg.log_every == 0 and time.monotonic() - last_report >= report_gap_s)
+        save_for_resize = float(check and save_token is not None)
         table, sample_ids = _gather_step_table(
-            [loss, step_time, time_says_save, rss_mb, wind_down, kl_now, time_says_report, time_says_check],
+            [loss, step_time, time_says_save, rss_mb, wind_down, kl_now, time_says_report, time_says_check,
+             save_for_resize],
             order, step, plan, dp_rank, world)
         global_loss = float(table[:, 0].mean())
         times = table[:, 1].tolist()
         check_due = bool(table[0, 7])
+        resize_save = bool(table[0, 8])
 
         last = done == end
         evaluated = last or bool(cfg.eval_every and done % cfg.eval_every == 0)
         val_loss, val_kl = _evaluate(engine, val, pipelined, teacher, temperature) if evaluated else (None, None)
-        save = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or bool(table[0, 2])
+        periodic = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or bool(table[0, 2])
+        save = periodic or resize_save
         winding_down = bool(table[0, 4])
         if notice is not None:
             # A node of ours is being drained: checkpoint at once (just in time), keep training while the deadline
@@ -433,7 +458,8 @@ def train_loop_per_worker(config: dict) -> None:
         ledger["productive"] = ledger.get("productive", 0.0) + step_time
         attempt_productive_s += step_time
         record["checkpoint"] = ("final-before-deadline" if winding_down else "just-in-time" if notice is not None
-                                else "periodic") if save else None
+                                else "periodic" if periodic else "before-resize") if save else None
+        saved_for_resize = False
         if not save and retry_at is not None and done >= retry_at:
             save, record["checkpoint"] = True, "retry"
         if save:
@@ -448,6 +474,10 @@ def train_loop_per_worker(config: dict) -> None:
                 storage_failures += 1
                 saved = _save_checkpoint(engine, cfg, plan, done, config, record, fs, run_path, rank)
             if saved:
+                if resize_save and rank == 0:
+                    board.saved.remote(save_token)  # the elastic policy may restart the group now
+                    save_token = None
+                saved_for_resize = resize_save
                 retry_at, failures_in_a_row = None, 0
                 last_save, last_save_s = time.monotonic(), time.perf_counter() - t0
                 last_report = last_save
@@ -469,6 +499,9 @@ def train_loop_per_worker(config: dict) -> None:
         if winding_down and not last:
             _await_teardown(notice)
             jit_saved = False  # the node survived its deadline: a later notice gets its own checkpoints
+        elif saved_for_resize and not last:
+            # Saved for the resize the elastic policy is about to make: steps computed now would be thrown away.
+            _await_resize()
 
 
 def _mtbf_seconds(cfg: TrainConfig, earlier_starts: list[float]) -> float:
@@ -504,6 +537,15 @@ def _await_teardown(notice, grace_s: float = 30.0) -> None:
     until = (notice.deadline_ms / 1000 if notice.deadline_ms else time.time()) + grace_s
     while time.time() < until:
         time.sleep(0.2)
+
+
+def _await_resize(grace_s: float = 15.0) -> None:
+    """The checkpoint the elastic policy asked for is sealed: idle until Ray restarts the group at its new size
+    (a second or two: the controller's next poll) instead of computing steps the restart would throw away. If no
+    restart comes within `grace_s`, carry on."""
+    until = time.monotonic() + grace_s
+    while time.monotonic() < until:
+        time.sleep(0.1)
 
 
 def _repair_universal_load(engine, decay_by_group: list[float]) -> None:
@@ -786,7 +828,7 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True,
             _single_process_group_env()
         trainer = ElasticTorchTrainer(
             train_loop_per_worker,
-            accepted_sizes=accepted,
+            accepted_sizes=accepted, board=board,
             train_loop_config={"cfg": cfg.model_dump(), "board": board, "data_dir": str(data_dir),
                                "config_hash": cfg.config_hash(), "flops_per_token": flops_per_token,
                                "teacher": teacher, "storage": storage},

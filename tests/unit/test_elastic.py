@@ -50,3 +50,68 @@ def test_draining_nodes_asks_ray_core(ray_local):
     # the call draining_nodes() makes (it swallows errors, so check the API itself is there) and its answer
     assert ray._private.state.state.get_draining_nodes() == {}  # the embedded one-node Ray drains nothing
     assert draining_nodes() == set()
+
+
+class _Board:
+    """The progress board's save-before-resize handshake, in-process."""
+
+    def __init__(self):
+        self.requests, self.done = 0, set()
+
+    class _Call:
+        def __init__(self, fn):
+            self.remote = fn
+
+    @property
+    def request_save(self):
+        def request():
+            self.requests += 1
+            return self.requests
+        return self._Call(request)
+
+    @property
+    def saved_for(self):
+        return self._Call(lambda token: token in self.done)
+
+
+def test_a_resize_waits_for_the_groups_checkpoint(monkeypatch):
+    """Ray resizes a running group by restarting it from its last checkpoint; the policy first asks the workers
+    for one and passes the resize on only once it is sealed (or after a timeout)."""
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
+
+    from pipelines import elastic
+
+    board = _Board()
+    grow = ResizeDecision(num_workers=2, resources_per_worker={"CPU": 1})
+    decisions = iter([grow, NoopDecision()])
+    monkeypatch.setattr(ElasticScalingPolicy, "make_decision_for_running_worker_group",
+                        lambda self, state, status: next(decisions))
+    monkeypatch.setattr(elastic, "ray_get", lambda value, timeout=5.0: value)
+    policy = elastic.AcceptedSizesScalingPolicy(
+        ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2], board=board)
+    assert isinstance(policy.make_decision_for_running_worker_group(None, None), NoopDecision)  # asks first
+    assert board.requests == 1
+    assert isinstance(policy.make_decision_for_running_worker_group(None, None), NoopDecision)  # not sealed yet
+    board.done.add(1)
+    assert policy.make_decision_for_running_worker_group(None, None) is grow  # sealed: the resize goes ahead
+    assert isinstance(policy.make_decision_for_running_worker_group(None, None), NoopDecision)  # Ray's own again
+    assert board.requests == 1
+
+
+def test_a_resize_goes_ahead_without_a_checkpoint_after_the_timeout(monkeypatch):
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
+
+    from pipelines import elastic
+
+    board = _Board()
+    grow = ResizeDecision(num_workers=2, resources_per_worker={"CPU": 1})
+    monkeypatch.setattr(ElasticScalingPolicy, "make_decision_for_running_worker_group",
+                        lambda self, state, status: grow)
+    monkeypatch.setattr(elastic, "ray_get", lambda value, timeout=5.0: value)
+    policy = elastic.AcceptedSizesScalingPolicy(
+        ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2], board=board)
+    clock = iter([100.0, 100.0 + elastic.SAVE_BEFORE_RESIZE_TIMEOUT_S - 1, 100.0 + elastic.SAVE_BEFORE_RESIZE_TIMEOUT_S])
+    policy._now = lambda: next(clock)
+    assert isinstance(policy.make_decision_for_running_worker_group(None, None), NoopDecision)
+    assert isinstance(policy.make_decision_for_running_worker_group(None, None), NoopDecision)
+    assert policy.make_decision_for_running_worker_group(None, None) is grow  # waited long enough
