@@ -38,7 +38,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # Per preset: steps of a scenario run, its checkpoint interval, and where the fault lands.
 SCENARIO_RUNS = {
-    "tiny": {"steps": 600, "every_steps": 100, "inject_at_step": 60},  # long enough to grow back after a resize
+    "tiny": {"steps": 600, "every_steps": 50, "inject_at_step": 120},  # long enough to grow back after a resize
     "bench": {"steps": 60, "every_steps": 10, "inject_at_step": 20},  # ~2 s per step on two CPU workers
 }
 BASE_EVERY_STEPS = 50  # app/presets/base.yaml checkpoint.every_steps

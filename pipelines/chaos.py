@@ -305,6 +305,10 @@ def run(cfg: TrainConfig, scenario: str, *, out: str | Path = "runs/chaos", inje
         # Checkpoint often enough that a fault without notice loses a bounded number of steps.
         "checkpoint": cfg.checkpoint.model_copy(update={"every_steps": cfg.checkpoint.every_steps or max(1, cfg.steps // 6)}),
     })
+    every = disturbed_cfg.checkpoint.every_steps
+    if scenario == "torn-checkpoint" and at_step < every:
+        raise ConfigError(f"--inject-at-step {at_step}: torn-checkpoint damages the newest checkpoint, and the first "
+                          f"comes at step {every}; inject after it (or lower checkpoint.every_steps)")
     for name in ("reference", "disturbed"):
         shutil.rmtree(storage / name, ignore_errors=True)
 

@@ -1,4 +1,4 @@
-"""The chaos report's recovery time, from the per-step records of a run that restarted (no Ray needed)."""
+"""The chaos harness without a cluster: recovery time from per-step records, and faults refused up front."""
 
 from pipelines.chaos import recovery_s
 
@@ -22,3 +22,24 @@ def test_each_of_several_faults_is_measured_from_its_own_death():
 def test_no_new_attempt_after_the_death_means_no_recovery():
     records = _records((1, [(10.0, 0.5), (20.0, 0.5)]))
     assert recovery_s(records, death=15.0) is None
+
+
+def test_impossible_faults_are_refused_before_any_cluster_starts(tmp_path):
+    import pytest
+
+    from app.config import load_config
+    from app.errors import ConfigError
+    from pipelines import chaos
+
+    cfg = load_config("tiny", ["steps=100", "checkpoint.every_steps=50"])
+    with pytest.raises(ConfigError, match="--inject-at-step 20: torn-checkpoint damages the newest checkpoint, "
+                                          "and the first comes at step 50"):
+        chaos.run(cfg, "torn-checkpoint", out=tmp_path, inject_at_step=20)
+    with pytest.raises(ConfigError, match="--inject-at-step 100 must lie inside the run's 100 steps"):
+        chaos.run(cfg, "spot", out=tmp_path, inject_at_step=100)
+    with pytest.raises(ConfigError, match="needs parallel.workers >= 2"):
+        chaos.run(cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"workers": "1"})}), "spot",
+                  out=tmp_path)
+    with pytest.raises(ConfigError, match="--scenario 'flood' is not one of"):
+        chaos.run(cfg, "flood", out=tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
