@@ -192,12 +192,20 @@ def main() -> int:
                 ("same save every 50 steps (base default)", _fmt(g["share_at_every_50_steps"])),
                 ("ledger", ", ".join(f"{k} {v}" for k, v in g["ledger"].items())),
             ])
+        _write(results, t_start)  # after every preset, so a long run that is stopped keeps what it measured
+    path = _write(results, t_start)
+    print(f"wrote {path} ({results['wall_s'] / 60:.1f} min)")
+    return 0
+
+
+def _write(results: dict, t_start: float) -> Path:
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "elastic.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out_dir / 'elastic.json'} ({results['wall_s'] / 60:.1f} min)")
-    return 0
+    presets = "_".join(results["presets"])
+    path = out_dir / ("elastic.json" if presets in ("tiny_bench", "") else f"elastic_{presets}.json")
+    path.write_text(json.dumps(results, indent=2))
+    return path
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         self._board = board  # the run's progress board: where a resize asks the workers for a checkpoint
         self._pending: tuple[ResizeDecision, int, float] | None = None  # (decision, request token, asked at)
         self._now = time.monotonic
+        self._leaving: set[str] = set()  # every node seen draining (a drained node never comes back; a new one
+        # joins under a new id)
 
     def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
         """Ray resizes a running group by restarting it from its last checkpoint, which loses every step since.
@@ -76,8 +78,10 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         return decision
 
     def _count_possible_workers(self, reserved_resources) -> int:
-        leaving = draining_nodes()
-        staying = {node: res for node, res in reserved_resources.items() if node not in leaving}
+        # Remembered: once its deadline has passed a node leaves Ray's draining list, yet stays on its books until
+        # the GCS declares it dead; counted then, a resize back to 2 waited out the start timeout for it.
+        self._leaving |= draining_nodes()
+        staying = {node: res for node, res in reserved_resources.items() if node not in self._leaving}
         possible = super()._count_possible_workers(staying)
         i = bisect.bisect_right(self._accepted, possible)
         return self._accepted[i - 1] if i else 0

@@ -38,8 +38,10 @@ def test_a_draining_node_is_not_counted_for_a_restart(monkeypatch):
     assert policy._count_possible_workers(nodes) == 2  # 3 fit; 3 is not accepted
     monkeypatch.setattr(elastic, "draining_nodes", lambda: {"b" * 56})
     assert policy._count_possible_workers(nodes) == 2  # 2 nodes stay
-    monkeypatch.setattr(elastic, "draining_nodes", lambda: {"b" * 56, "c" * 56})
-    assert policy._count_possible_workers(nodes) == 1
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {"c" * 56})
+    assert policy._count_possible_workers(nodes) == 1  # b passed its deadline: off Ray's draining list, not gone
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
+    assert policy._count_possible_workers({"a" * 56: {"CPU": 1.0}, "d" * 56: {"CPU": 1.0}}) == 2  # a new node
 
 
 def test_draining_nodes_asks_ray_core(ray_local):
