@@ -45,7 +45,7 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         super().__init__(scaling_config)
         self._accepted = sorted(accepted_sizes)
         self._board = board  # the run's progress board: where a resize asks the workers for a checkpoint
-        self._pending: tuple[ResizeDecision, int, float] | None = None  # (decision, request token, asked at)
+        self._pending: tuple | None = None  # (decision, request token, asked at, group start time)
         self._now = time.monotonic
         self._leaving: set[str] = set()  # every node seen draining (a drained node never comes back; a new one
         # joins under a new id)
@@ -54,16 +54,19 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         """Ray resizes a running group by restarting it from its last checkpoint, which loses every step since.
         So a resize first asks the workers (through the board) for a checkpoint and goes ahead once it is sealed,
         or after SAVE_BEFORE_RESIZE_TIMEOUT_S without one."""
+        group = getattr(worker_group_state, "start_time", None)  # which group the pending request was for
+        if self._pending is not None and self._pending[3] != group:
+            self._pending = None  # that group is gone (restarted meanwhile): decide afresh
         if self._pending is None:
             decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
             if not isinstance(decision, ResizeDecision) or self._board is None:
                 return decision
             try:
-                self._pending = (decision, ray_get(self._board.request_save.remote()), self._now())
+                self._pending = (decision, ray_get(self._board.request_save.remote()), self._now(), group)
             except Exception:  # the board is gone (the run is ending): resize as Ray would
                 return decision
             return NoopDecision()
-        decision, token, asked_at = self._pending
+        decision, token, asked_at, _ = self._pending
         try:
             saved = ray_get(self._board.saved_for.remote(token))
         except Exception:

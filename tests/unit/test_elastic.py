@@ -100,6 +100,30 @@ def test_a_resize_waits_for_the_groups_checkpoint(monkeypatch):
     assert board.requests == 1
 
 
+def test_a_pending_resize_is_dropped_when_its_group_restarted_meanwhile(monkeypatch):
+    from types import SimpleNamespace
+
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
+
+    from pipelines import elastic
+
+    board = _Board()
+    grow = ResizeDecision(num_workers=2, resources_per_worker={"CPU": 1})
+    decisions = iter([grow, NoopDecision()])
+    monkeypatch.setattr(ElasticScalingPolicy, "make_decision_for_running_worker_group",
+                        lambda self, state, status: next(decisions))
+    monkeypatch.setattr(elastic, "ray_get", lambda value, timeout=5.0: value)
+    policy = elastic.AcceptedSizesScalingPolicy(
+        ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2], board=board)
+    assert isinstance(policy.make_decision_for_running_worker_group(SimpleNamespace(start_time=1.0), None),
+                      NoopDecision)  # asked group 1 for a checkpoint
+    board.done.add(1)
+    # group 1 died and group 2 runs: the old resize is not passed on; Ray's policy decides again (no change)
+    assert isinstance(policy.make_decision_for_running_worker_group(SimpleNamespace(start_time=2.0), None),
+                      NoopDecision)
+    assert policy._pending is None
+
+
 def test_a_resize_goes_ahead_without_a_checkpoint_after_the_timeout(monkeypatch):
     from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
 
