@@ -76,9 +76,8 @@ class _Board:
         return self._Call(lambda token: token in self.done)
 
 
-def test_a_resize_waits_for_the_groups_checkpoint(monkeypatch):
-    """Ray resizes a running group by restarting it from its last checkpoint; the policy first asks the workers
-    for one and passes the resize on only once it is sealed (or after a timeout)."""
+def _policy_growing_once(monkeypatch):
+    """Our policy over a Ray policy that decides to grow to 2 once, then sees no change; the board in-process."""
     from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
 
     from pipelines import elastic
@@ -91,6 +90,15 @@ def test_a_resize_waits_for_the_groups_checkpoint(monkeypatch):
     monkeypatch.setattr(elastic, "ray_get", lambda value, timeout=5.0: value)
     policy = elastic.AcceptedSizesScalingPolicy(
         ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2], board=board)
+    return board, grow, policy
+
+
+def test_a_resize_waits_for_the_groups_checkpoint(monkeypatch):
+    """Ray resizes a running group by restarting it from its last checkpoint; the policy first asks the workers
+    for one and passes the resize on only once it is sealed (or after a timeout)."""
+    from ray.train.v2._internal.execution.scaling_policy import NoopDecision
+
+    board, grow, policy = _policy_growing_once(monkeypatch)
     assert isinstance(policy.make_decision_for_running_worker_group(None, None), NoopDecision)  # asks first
     assert board.requests == 1
     assert isinstance(policy.make_decision_for_running_worker_group(None, None), NoopDecision)  # not sealed yet
@@ -103,18 +111,9 @@ def test_a_resize_waits_for_the_groups_checkpoint(monkeypatch):
 def test_a_pending_resize_is_dropped_when_its_group_restarted_meanwhile(monkeypatch):
     from types import SimpleNamespace
 
-    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
+    from ray.train.v2._internal.execution.scaling_policy import NoopDecision
 
-    from pipelines import elastic
-
-    board = _Board()
-    grow = ResizeDecision(num_workers=2, resources_per_worker={"CPU": 1})
-    decisions = iter([grow, NoopDecision()])
-    monkeypatch.setattr(ElasticScalingPolicy, "make_decision_for_running_worker_group",
-                        lambda self, state, status: next(decisions))
-    monkeypatch.setattr(elastic, "ray_get", lambda value, timeout=5.0: value)
-    policy = elastic.AcceptedSizesScalingPolicy(
-        ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2], board=board)
+    board, grow, policy = _policy_growing_once(monkeypatch)
     assert isinstance(policy.make_decision_for_running_worker_group(SimpleNamespace(start_time=1.0), None),
                       NoopDecision)  # asked group 1 for a checkpoint
     board.done.add(1)
