@@ -212,20 +212,13 @@ def _train_through_reclaim(cfg, s: DemoSizes):
     """Train `cfg` (an elastic 1:2 group) on the chaos harness's local cluster — a head without CPUs plus one
     node per worker — and reclaim one node like a spot instance once training passes `s.reclaim_at_step`.
     Returns (TrainResult, {"notice": t, "death": t}); the cluster is shut down before it returns."""
-    import ray
-
     from app.console import err_console
-    from pipelines.chaos import LocalCluster, train_with_fault  # the harness's own cluster and fault
+    from pipelines.chaos import local_cluster, train_with_fault  # the harness's own cluster and fault
 
     err_console.print(f"step {s.reclaim_at_step}: a spot reclaim will drain a worker node "
                       f"(DRAIN_NODE_REASON_PREEMPTION, {s.notice_s} s deadline)")
-    cluster = LocalCluster(2, cfg.parallel.cpus_per_worker)
-    try:
-        ray.init(address=cluster.address, log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
+    with local_cluster(2, cfg.parallel.cpus_per_worker) as cluster:
         result, times = train_with_fault(cfg, "spot", cluster, s.reclaim_at_step, s.notice_s, s.rejoin_after_s)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     if times is None:
         raise UserError(f"the teacher finished before step {s.reclaim_at_step}, where the spot reclaim was due")
     return result, times

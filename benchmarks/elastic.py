@@ -6,7 +6,7 @@ On a local multi-node Ray cluster (a head without CPUs plus two 1-CPU worker ray
 preset:
 
 1. one undisturbed reference run, then one run per chaos scenario (spot, kill-worker, kill-node, torn-checkpoint,
-   resize) against it: seconds from the notice's deadline or the death to the first step of the new group
+   resize) against it: seconds from the node's (or worker's) death to the first step of the new group
    (goal ≤ 15 s), steps lost (goal 0 with a notice), samples duplicated or skipped, loss difference to the reference,
    and the time spent converting to DeepSpeed's universal format when the world size changed;
 2. a run of about `--goodput-minutes` with `--reclaims` spot reclaims spread over it (drain notice, just-in-time
@@ -16,7 +16,8 @@ preset:
    (`checkpoint.every_minutes=auto`, MTBF = minutes / reclaims): mean save time and its share of step time (goal
    ≤ 5 %), plus what the same save would cost at the base preset's every-50-steps default.
 
-Prints one table per preset and writes benchmarks/results/elastic.json. Nothing is timed against another machine;
+Prints one table per preset and writes benchmarks/results/elastic.json (elastic_<presets>.json for other
+`--presets`). Nothing is timed against another machine;
 every run of a preset shares this machine's two cores with Ray's own processes.
 """
 
@@ -41,7 +42,6 @@ SCENARIO_RUNS = {
     "tiny": {"steps": 600, "every_steps": 50, "inject_at_step": 120},  # long enough to grow back after a resize
     "bench": {"steps": 60, "every_steps": 10, "inject_at_step": 20},  # ~2 s per step on two CPU workers
 }
-BASE_EVERY_STEPS = 50  # app/presets/base.yaml checkpoint.every_steps
 
 
 def _scenario_config(preset: str):
@@ -77,8 +77,7 @@ def _steps_per_s(result) -> float:
 def goodput_run(preset: str, reference, minutes: float, reclaims: int, notice_s: int, rejoin_s: float,
                 out: Path) -> dict:
     """About `minutes` of elastic training with `reclaims` spot reclaims; what it kept of the wall time."""
-    import ray
-
+    from app.config import load_config
     from pipelines import chaos
 
     cfg, _ = _scenario_config(preset)
@@ -95,13 +94,8 @@ def goodput_run(preset: str, reference, minutes: float, reclaims: int, notice_s:
     at_steps = [steps * (i + 1) // (reclaims + 1) for i in range(reclaims)]
     print(f"[{preset}] goodput: {steps} steps (~{minutes:g} min), spot reclaims past steps {at_steps} ...",
           flush=True)
-    cluster = chaos.LocalCluster(2, cfg.parallel.cpus_per_worker)
-    try:
-        ray.init(address=cluster.address, log_to_driver=False)
+    with chaos.local_cluster(2, cfg.parallel.cpus_per_worker) as cluster:
         result, faults = chaos.train_with_faults(run_cfg, "spot", cluster, at_steps, notice_s, rejoin_s)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     ledger = result.summary["ledger"]
     saves = [r for r in result.records if r.get("checkpoint") and not r["checkpoint"].startswith("deferred")]
     save_s = ledger["checkpoint_s"] / max(1, len(saves))
@@ -117,7 +111,7 @@ def goodput_run(preset: str, reference, minutes: float, reclaims: int, notice_s:
         "checkpoints": len(saves), "checkpoint_save_s": round(save_s, 3),
         "checkpoint_share_of_step_time": round(ledger["checkpoint_s"] / ledger["productive_s"], 4),
         "median_step_s": round(step_s, 4),
-        "share_at_every_50_steps": round(save_s / (BASE_EVERY_STEPS * step_s), 4),
+        "share_at_every_50_steps": round(save_s / (load_config("base").checkpoint.every_steps * step_s), 4),
         "checkpoint_interval_s": next((r["checkpoint_interval_s"] for r in reversed(result.records)
                                        if r.get("checkpoint_interval_s")), None),
     }

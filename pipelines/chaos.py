@@ -19,6 +19,7 @@ max_rel_loss_diff_vs_reference, goodput and world_sizes, and stops every process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -88,6 +89,20 @@ class LocalCluster:
 
     def shutdown(self) -> None:
         self.cluster.shutdown()
+
+
+@contextlib.contextmanager
+def local_cluster(n: int, cpus: int):
+    """A `LocalCluster` with this driver connected to it; disconnects and stops every process on the way out."""
+    import ray
+
+    cluster = LocalCluster(n, cpus)
+    try:
+        ray.init(address=cluster.address, log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 class _Follower:
@@ -282,8 +297,6 @@ def run(cfg: TrainConfig, scenario: str, *, out: str | Path = "runs/chaos", inje
     """Reference run, then the disturbed run with `scenario` injected; writes `out/<scenario>/chaos.json`.
     `rejoin_after_s=None` keeps a lost node away, so the run finishes on what survived. Pass `reference` (a
     TrainResult of the same config) to compare several scenarios against one undisturbed run."""
-    import ray
-
     from app.config import parse_workers
     from pipelines import train
 
@@ -312,17 +325,12 @@ def run(cfg: TrainConfig, scenario: str, *, out: str | Path = "runs/chaos", inje
     for name in ("reference", "disturbed"):
         shutil.rmtree(storage / name, ignore_errors=True)
 
-    cluster = LocalCluster(workers, cfg.parallel.cpus_per_worker)
-    try:
-        ray.init(address=cluster.address, log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
+    with local_cluster(workers, cfg.parallel.cpus_per_worker) as cluster:
         reference = reference or train.run(reference_cfg)
         disturbed, times = train_with_fault(disturbed_cfg, scenario, cluster, at_step, notice_s, rejoin_after_s)
         if times is None:
             raise ConfigError(f"the run ended before step {at_step}, where the fault was due; inject earlier")
         report = measure(reference, disturbed, times, scenario)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     out.mkdir(parents=True, exist_ok=True)
     (out / "chaos.json").write_text(json.dumps(report, indent=2))
     return ChaosResult(report, out / "chaos.json", reference, disturbed)

@@ -786,7 +786,6 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True,
     that owns its resources and ends with the run — a Ray Tune trial (`pipelines.sweep`) — since it sets
     torch.distributed's variables here and no FailureConfig restarts it.
     """
-    import pandas as pd
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig

@@ -1,6 +1,6 @@
-"""The trainer's controller callbacks: Ray's PlacementGroupCleaner only where a dashboard serves the state API."""
+"""The elastic trainer: controller callbacks (PlacementGroupCleaner only where a dashboard serves the state API) and
+the scaling policy (accepted sizes, draining nodes left out, a checkpoint before every resize)."""
 
-import pytest
 from ray.train import ScalingConfig
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.callbacks.backend_setup import BackendSetupCallback
