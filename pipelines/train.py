@@ -130,9 +130,9 @@ def _progress_board_cls():
         def saved_for(self, token: int) -> bool:
             return token in self.saves_done
 
-        def started(self) -> list[float]:
-            """Start times of the worker groups so far (a restart count and an observed failure rate)."""
-            return [a["time"] for a in self.attempts]
+        def started(self) -> list[tuple[float, int]]:
+            """(start time, world size) of every worker group so far: the run's observed failure rate."""
+            return [(a["time"], a["world_size"]) for a in self.attempts]
 
         def snapshot(self, since: int = 0) -> tuple[list[dict], list[dict], dict[str, float]]:
             return self.records[since:], self.attempts, dict(self.ledger)
@@ -504,13 +504,15 @@ def train_loop_per_worker(config: dict) -> None:
             _await_resize()
 
 
-def _mtbf_seconds(cfg: TrainConfig, earlier_starts: list[float]) -> float:
+def _mtbf_seconds(cfg: TrainConfig, starts: list[tuple[float, int]]) -> float:
     """Mean time between failures for every_minutes=auto: the configured one, or the run's own observed one when
-    it has restarted more often (earlier_starts: start times of the worker groups before this one)."""
+    it has failed more often. `starts`: (start time, world size) of every worker group so far, this one included.
+    A restart at the same or a smaller size followed a failure; one at a larger size is a grow-back, not a failure."""
     configured = cfg.checkpoint.mtbf_minutes * 60
-    if not earlier_starts:
+    failures = sum(size <= before for (_, before), (_, size) in zip(starts, starts[1:]))
+    if not failures:
         return configured
-    observed = (time.time() - earlier_starts[0]) / len(earlier_starts)
+    observed = (time.time() - starts[0][0]) / failures
     return min(configured, max(observed, 1.0))
 
 

@@ -206,10 +206,13 @@ def test_trainer_picks_auto_interval_from_configured_or_observed_failure_rate():
     from pipelines.train import _checkpoint_interval_s, _mtbf_seconds
 
     cfg = load_config("tiny", ["checkpoint.every_minutes=auto", "checkpoint.mtbf_minutes=60"])
-    assert _mtbf_seconds(cfg, []) == 3600
     now = time.time()
-    assert _mtbf_seconds(cfg, [now - 600, now - 300]) == pytest.approx(300, abs=2)  # two restarts in 10 minutes
-    assert _mtbf_seconds(cfg, [now - 7200 * 3]) == 3600  # rarer than configured: keep the configured rate
+    assert _mtbf_seconds(cfg, [(now, 2)]) == 3600  # the first group: nothing observed yet
+    # two failures (a worker lost at size 2, then a node) in 10 minutes
+    assert _mtbf_seconds(cfg, [(now - 600, 2), (now - 300, 2), (now, 1)]) == pytest.approx(300, abs=2)
+    # growing back onto a returning node is no failure: one failure in 10 minutes, not three restarts
+    assert _mtbf_seconds(cfg, [(now - 600, 2), (now - 400, 1), (now, 2)]) == pytest.approx(600, abs=2)
+    assert _mtbf_seconds(cfg, [(now - 7200 * 3, 2), (now, 2)]) == 3600  # rarer than configured: keep the configured
     assert _checkpoint_interval_s(cfg, 1.5, 0.1, 3600) == pytest.approx(math.sqrt(2 * 1.5 * 3600))
     fixed = load_config("tiny", ["checkpoint.every_minutes=2"])
     assert _checkpoint_interval_s(fixed, 1.5, 0.1, 3600) == 120
