@@ -6,6 +6,11 @@ cached op briefly holds an empty ``lock`` file in that folder, and every other p
 with no timeout. A process killed while holding it — a preempted worker, a killed test run — leaves the file behind
 and every later training run hangs in ``deepspeed.init_distributed`` forever.
 
+Two ninja builds may be on a machine (here the system's 1.11 and the 1.13 that pip installs with DeepSpeed): they
+keep incompatible build logs, so a process that found the other one first on ``PATH`` (an activated virtualenv or
+not, a Ray worker started from either) rebuilt the op, 40-60 s of its start. ``use_interpreters_ninja()`` makes
+every build run the ninja installed beside this interpreter.
+
 ``stale_lock_breaker()`` wraps the call that may load the op: it removes a lock file once the lock *and* everything
 else in its folder have been untouched for ``STALE_AFTER_S`` (a real compile writes objects and ninja logs as it
 goes; a load holds the lock for milliseconds). ``python -m app.ds_ops`` builds the op ahead of time (``make install``
@@ -97,6 +102,28 @@ def stale_lock_breaker(stale_after_s: float = STALE_AFTER_S, poll_s: float = 5.0
         watcher.join()
 
 
+def use_interpreters_ninja() -> Path | None:
+    """Put this interpreter's folder first on ``PATH`` when a ``ninja`` lies there (torch runs the first ``ninja``
+    on ``PATH``); returns that ninja, or None (PATH left alone) where there is none. Idempotent."""
+    here = Path(sys.executable).parent
+    ninja = here / "ninja"
+    if not ninja.is_file():
+        return None
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != str(here):
+        os.environ["PATH"] = os.pathsep.join([str(here), path]) if path else str(here)
+    return ninja
+
+
+@contextlib.contextmanager
+def comm_op_loading():
+    """Around anything that may build or load DeepSpeed's comm op: the interpreter's own ninja, stale locks
+    cleared."""
+    use_interpreters_ninja()
+    with stale_lock_breaker():
+        yield
+
+
 MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 
@@ -130,7 +157,7 @@ def build_comm_op():
     """Build (or load from cache) DeepSpeed's CPU shared-memory comm op; ``None`` where it does not apply."""
     from deepspeed.comm.torch import build_shm_op
 
-    with stale_lock_breaker():
+    with comm_op_loading():
         return build_shm_op()
 
 

@@ -202,14 +202,14 @@ def _build_engine(cfg: TrainConfig, plan, precision: str, load_universal: bool =
     import deepspeed
     import torch
 
-    from app.ds_ops import import_muon_uncompiled, stale_lock_breaker
+    from app.ds_ops import comm_op_loading, import_muon_uncompiled
     from app.model import GPT
     from app.parallel import deepspeed_config
 
     p = cfg.parallel
     # Ray already created the torch.distributed group (gloo/NCCL); this only points DeepSpeed's comm layer at it
-    # (and loads its JIT-built CPU comm op, whose cache lock a killed process can leave behind).
-    with stale_lock_breaker():
+    # (and loads its JIT-built CPU comm op: with the interpreter's own ninja, past a lock a killed process left).
+    with comm_op_loading():
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and for every parallel layout
     model = GPT(cfg.model)

@@ -1,6 +1,8 @@
-"""The stale torch-extension lock breaker (a lock left by a killed process hung CI in `make install`)."""
+"""DeepSpeed's JIT-built comm op: the stale torch-extension lock breaker (a lock left by a killed process hung CI in
+`make install`), one ninja for every build, and Muon imported without torch's compiler."""
 
 import os
+import sys
 import threading
 import time
 
@@ -58,7 +60,6 @@ def test_engine_build_imports_deepspeeds_muon_without_its_compiler(tmp_path):
     and torch.compile is torch's own again."""
     import json
     import subprocess
-    import sys
 
     script = """
 import json, os, sys
@@ -87,3 +88,24 @@ print(json.dumps({"optimizer": type(engine.optimizer).__name__, "muon_eager": no
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"optimizer": "DeepSpeedZeroOptimizer", "muon_eager": True, "stepped": True, "inductor": False,
                    "compile_restored": True}
+
+
+def test_extension_builds_run_the_interpreters_own_ninja(monkeypatch, tmp_path):
+    """Two ninja versions keep incompatible build logs: a process that found the other one on PATH rebuilt the comm
+    op (40-60 s). Whatever PATH holds, the ninja beside the interpreter (pip's, installed with DeepSpeed) comes
+    first, once."""
+    import shutil
+
+    from app.ds_ops import use_interpreters_ninja
+
+    here = os.path.dirname(sys.executable)
+    assert os.path.isfile(os.path.join(here, "ninja")), "deepspeed's lock installs ninja beside the interpreter"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert str(use_interpreters_ninja()) == os.path.join(here, "ninja")
+    assert shutil.which("ninja") == os.path.join(here, "ninja")
+    use_interpreters_ninja()
+    assert os.environ["PATH"] == os.pathsep.join([here, "/usr/bin:/bin"])  # not prepended twice
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))  # an interpreter with no ninja beside it
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert use_interpreters_ninja() is None and os.environ["PATH"] == "/usr/bin:/bin"
