@@ -630,6 +630,11 @@ def _storage_writable(fs, path: str, rank: int) -> bool:
     return _all_ranks_agree(ok)
 
 
+def _already_in_place(checkpoint, _dir_name: str):
+    """Ray Train's upload step for a checkpoint written straight into the run folder: nothing to copy."""
+    return checkpoint
+
+
 def _save_checkpoint(engine, cfg: TrainConfig, plan, done: int, config: dict, metrics: dict, fs, run_path: str,
                      rank: int) -> bool:
     """Every rank writes its shards, all report, then rank 0 seals the folder and prunes old ones. Returns False
@@ -648,7 +653,10 @@ def _save_checkpoint(engine, cfg: TrainConfig, plan, done: int, config: dict, me
         return False
     if isinstance(fs, pafs.LocalFileSystem):  # write in place: no second copy of every shard
         engine.save_checkpoint(path, tag=TAG, client_state=state)
-        _report(metrics, checkpoint=ray.train.Checkpoint(path), checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        # Registered with Ray Train from a background thread: the hand-over waits until the controller took the
+        # previous report (it polls once per health-check interval), up to a second that training need not wait.
+        _report(metrics, checkpoint=ray.train.Checkpoint(path), checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                checkpoint_upload_fn=_already_in_place, delete_local_checkpoint_after_upload=False)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=TAG, client_state=state)

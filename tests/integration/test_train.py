@@ -56,6 +56,11 @@ def test_zero2_trains_and_writes_everything(zero2, storage):
     assert sorted(p.name for p in (storage / "zero2").glob("checkpoint_step_*")) == [
         checkpoint_name(6), checkpoint_name(12)]
     assert all((p / MARKER).is_file() for p in (storage / "zero2").glob("checkpoint_step_*"))
+    # each one also reached Ray Train's checkpoint list (handed over from a background thread), in order
+    snapshot = json.loads((storage / "zero2" / "checkpoint_manager_snapshot.json").read_text())
+    assert [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]] == [checkpoint_name(6),
+                                                                                  checkpoint_name(12)]
+    assert snapshot["checkpoint_results"][-1]["metrics"]["step"] == STEPS
 
 
 @pytest.mark.slow
