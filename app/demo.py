@@ -62,7 +62,7 @@ REPORT_SECTIONS = ("Training goodput and throughput", "Spot reclaim", "Scaling f
 
 @dataclass(frozen=True)
 class DemoSizes:
-    """How big each stage is. `FULL` measured 5 min 10 s on 2 CPU cores (goal: 10); `FAST` (CI) about 5 min, nearly
+    """How big each stage is. `FULL` measured 5 min 10 s on 2 CPU cores (goal: 10); `FAST` (CI) about 3.5 min, nearly
     all of it fixed start-up of Ray Train worker groups and Serve replicas."""
 
     preset: str  # data and teacher preset
