@@ -14,6 +14,7 @@ import bisect
 import logging
 import os
 import time
+from typing import Any, NamedTuple
 
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
@@ -32,6 +33,15 @@ RECOVERY_ENV = {
 }
 
 
+class _PendingResize(NamedTuple):
+    """A resize waiting for the checkpoint it asked the workers for."""
+
+    decision: ResizeDecision
+    token: int  # the board's request token
+    asked_at: float  # monotonic seconds
+    group: Any  # the asked group's start time: a restart meanwhile makes the request moot
+
+
 class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
     """Ray's elastic policy, rounded down to the largest world size the run's batch plan accepts, counting no
     node that is being drained.
@@ -45,7 +55,7 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         super().__init__(scaling_config)
         self._accepted = sorted(accepted_sizes)
         self._board = board  # the run's progress board: where a resize asks the workers for a checkpoint
-        self._pending: tuple | None = None  # (decision, request token, asked at, group start time)
+        self._pending: _PendingResize | None = None
         self._now = time.monotonic
         self._leaving: set[str] = set()  # every node seen draining (a drained node never comes back; a new one
         # joins under a new id)
@@ -55,23 +65,24 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         So a resize first asks the workers (through the board) for a checkpoint and goes ahead once it is sealed,
         or after SAVE_BEFORE_RESIZE_TIMEOUT_S without one."""
         group = getattr(worker_group_state, "start_time", None)  # which group the pending request was for
-        if self._pending is not None and self._pending[3] != group:
+        if self._pending is not None and self._pending.group != group:
             self._pending = None  # that group is gone (restarted meanwhile): decide afresh
         if self._pending is None:
             decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
             if not isinstance(decision, ResizeDecision) or self._board is None:
                 return decision
             try:
-                self._pending = (decision, ray_get(self._board.request_save.remote()), self._now(), group)
+                self._pending = _PendingResize(decision, ray_get(self._board.request_save.remote()), self._now(),
+                                               group)
             except Exception:  # the board is gone (the run is ending): resize as Ray would
                 return decision
             return NoopDecision()
-        decision, token, asked_at, _ = self._pending
+        decision = self._pending.decision
         try:
-            saved = ray_get(self._board.saved_for.remote(token))
+            saved = ray_get(self._board.saved_for.remote(self._pending.token))
         except Exception:
             saved = False
-        waited = self._now() - asked_at
+        waited = self._now() - self._pending.asked_at
         if not saved and waited < SAVE_BEFORE_RESIZE_TIMEOUT_S:
             return NoopDecision()
         if not saved:
