@@ -26,7 +26,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any, Iterator
 
 from app.errors import ConfigError, FitError, UserError
 from app.jsonsafe import finite
+from pipelines.ray_session import free_port
 
 SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "tune_configs" / "demo.yaml"
 DOMAINS = ("code", "docs")
@@ -327,12 +327,6 @@ def _specialists(run: _Run, teacher) -> dict[str, Any]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _serve_and_route(run: _Run) -> None:
     """Deploy teacher + int8 specialists behind the router, then each policy in turn over the sample prompts."""
     import secrets
@@ -349,7 +343,7 @@ def _serve_and_route(run: _Run) -> None:
                     "ray_actor_options": {"num_cpus": 0.5}} for n, a in artifacts.items()],
         "router_ray_actor_options": {"num_cpus": 0.25},
         "router": {"policy": names["teacher"], "guard": {"api_keys": [admin_key], "rate_per_s": 0}},
-        "port": run.port or _free_port(),
+        "port": run.port or free_port(),
     }
     table = policies(names)
     with run.stage("serve behind the router and send sample requests") as line:

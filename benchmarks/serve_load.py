@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -111,12 +110,6 @@ def make_student(teacher: str, out: Path) -> str | None:
     return str(save_artifact(out, quantized_state_dict(qmodel, spec), parent.model.cfg, parent.tokenizer, card))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", help="artifact folder or registry name (default: newest runs/*/artifact)")
@@ -130,6 +123,7 @@ def main() -> int:
     from ray import serve
 
     from app.console import print_table, progress_bar
+    from pipelines.ray_session import free_port
     from serve_deployments.app import APP_NAME, build_app
 
     teacher = args.teacher or default_teacher()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from typing import Iterator
 
 # Set before `import ray` anywhere in this process so no usage report is attempted (there is no network).
@@ -12,6 +13,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def default_num_cpus() -> int:
     return os.cpu_count() or 1
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for Serve's proxy, a test's `ray start`)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

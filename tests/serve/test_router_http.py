@@ -9,7 +9,6 @@ whose tests may only use 127.0.0.1), a small rate limit, and the semantic cache 
 from __future__ import annotations
 
 import json
-import socket
 import sysconfig
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 
+from pipelines.ray_session import free_port
 from serve_deployments.router import app as router_app
 
 KEY, FLOOD_KEY = "sk-test-main", "sk-test-flood"
@@ -31,12 +31,6 @@ MAIN_POLICY = {"kind": "domain", "default": "teacher",
                           "docs": "student"}}
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny_artifact(out: Path, seed: int) -> Path:
@@ -63,7 +57,7 @@ def server(ray_local, tmp_path_factory):
     from serve_deployments.router import Router
 
     root = tmp_path_factory.mktemp("router")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     small = {"ray_actor_options": {"num_cpus": 0.25}}
     teacher = LMServer.options(name="teacher", **small).bind(str(_tiny_artifact(root / "teacher", 1)), "teacher")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 import threading
 import time
 import urllib.request
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.errors import ConfigError
+from pipelines.ray_session import free_port
 from serve_deployments.app import load_serve_args, parse_args
 from tests.serve.test_lm_server import alone, build_tiny_artifact
 
@@ -55,12 +55,6 @@ def test_model_flag_needs_name_and_artifact() -> None:
 # ---- deployed: one app, two replicas of a tiny model, HTTP on loopback ----------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
     return build_tiny_artifact(tmp_path_factory.mktemp("faults") / "tiny")
@@ -76,7 +70,7 @@ def client(ray_local, artifact):
         # No cache (every request must reach a replica) and no rate limit (the load is the point).
         "router": {"cache": {"exact": {"enabled": False}}, "guard": {"rate_per_s": 0}},
         "router_ray_actor_options": quarter,
-    }, port=_free_port())
+    }, port=free_port())
     yield c
     c.shutdown()
 
