@@ -27,8 +27,8 @@ def _add_preset(p: argparse.ArgumentParser, default: str) -> None:
 def _prepare_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--source", dest="sources", action="append", metavar="SOURCE",
-        help="stdlib, pydoc, a file/folder (.txt/.jsonl/.parquet), or a URI; prefix DOMAIN= to label it "
-        "(repeatable; default: the preset's data.sources)",
+        help="stdlib, site-packages, pydoc, a file/folder (.txt/.jsonl/.parquet), or a URI; prefix DOMAIN= to label "
+        "it (repeatable; default: the preset's data.sources)",
     )
     p.add_argument("--out", help="output folder (default: the preset's data.dir)")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default: the preset's model.vocab_size)")

@@ -1,6 +1,7 @@
 """Sources, split, shards and GlobalOrder — in-process (no Ray); the Ray Data path is tested in integration."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +29,19 @@ def test_stdlib_source_is_code_and_deterministic():
     assert [d.doc_id for d in a] == [d.doc_id for d in iter_documents("stdlib", max_documents=5)]
     assert len(a) == 5 and all(d.domain == "code" and d.doc_id.endswith(".py") for d in a)
     assert not any("/test/" in d.doc_id for d in iter_documents("stdlib"))
+
+
+def test_site_packages_source_is_the_installed_packages_code():
+    import sysconfig
+
+    docs = list(iter_documents("site-packages", max_documents=200))
+    assert [d.doc_id for d in docs] == [d.doc_id for d in iter_documents("site-packages", max_documents=200)]
+    assert len(docs) == 200 and all(d.domain == "code" and d.doc_id.startswith("site-packages:") for d in docs)
+    first = Path(sysconfig.get_paths()["purelib"]) / docs[0].doc_id.removeprefix("site-packages:")
+    assert first.read_text(encoding="utf-8", errors="replace") == docs[0].text
+    assert not any(set(d.doc_id.split("/")) & {"tests", "test", "__pycache__"} for d in docs)
+    labelled = next(iter_documents("docs=site-packages"))
+    assert labelled.domain == "docs"
 
 
 def test_pydoc_source_is_docs():
