@@ -78,6 +78,10 @@ class Grid(StrictModel):
     tokens_per_param: list[float] | None = Field(default=None, description="D as a multiple of N (Chinchilla: ~20).")
     flops: list[float] | None = Field(default=None, description="Compute budgets C = 6ND in FLOPs.")
     seeds: list[int] | None = Field(default=None, description="Model-initialisation seeds (default: the preset's).")
+    min_steps: int | None = Field(
+        default=None, ge=1, description="Leave out shape × budget pairs that would train for fewer optimizer steps: "
+        "a big model on a small budget gets a few dozen steps, stays far from converged, and pulls a fit toward small "
+        "models.")
 
     @field_validator("shapes")
     @classmethod
@@ -426,6 +430,11 @@ def plan_trials(sweep: SweepConfig, extra_overrides: list[str] | tuple[str, ...]
     kind = sweep.grid.budget_kind
     specs = [make_trial(sweep, base, shape, seed, storage=storage, **{kind: budget})
              for shape in sweep.grid.shapes for budget in sweep.grid.budgets for seed in seeds]
+    if sweep.grid.min_steps is not None:
+        specs = [s for s in specs if s.steps >= sweep.grid.min_steps]
+        if not specs:
+            raise ConfigError(f"sweep '{sweep.name}': every trial has fewer than grid.min_steps="
+                              f"{sweep.grid.min_steps} steps; raise the budgets or lower min_steps")
     specs.sort(key=lambda s: -s.model_flops)  # stable: grid order among equals
     out = []
     for index, s in enumerate(specs):

@@ -230,6 +230,11 @@ def run(sweep: SweepConfig | str | Path, out: str | Path | None = None, *, overr
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.json").write_text(json.dumps(record, indent=2))
 
+    grid = sweep.grid
+    left_out = len(grid.shapes) * len(grid.budgets) * len(grid.seeds or [0]) - len(trials)
+    if left_out:
+        err_console.print(f"sweep {sweep.name}: {left_out} shape × budget pairs left out (fewer than "
+                          f"grid.min_steps={grid.min_steps} steps)")
     err_console.print(f"sweep {sweep.name}: {len(trials)} trials, N {min(t.n_params for t in trials):,}–"
                       f"{max(t.n_params for t in trials):,}, D {min(t.tokens for t in trials):,}–"
                       f"{max(t.tokens for t in trials):,} tokens, {total_model_flops(trials):.3g} model FLOPs → "

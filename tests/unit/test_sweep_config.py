@@ -82,6 +82,16 @@ def test_lr_table_and_seeds(smoke_tree):
     assert {t.shape.d_model: t.lr for t in trials} == {32: 1e-2, 48: 5e-3, 64: 2e-3}
 
 
+def test_min_steps_leaves_out_trials_too_short_to_converge(smoke_tree):
+    every = sweep_with(smoke_tree, lambda tree: None)
+    cut = sorted({t.steps for t in every})[1]  # the shortest trials fall below it
+
+    kept = sweep_with(smoke_tree, lambda tree: tree["grid"].update(min_steps=cut))
+    assert {(t.shape, t.tokens) for t in kept} == {(t.shape, t.tokens) for t in every if t.steps >= cut}
+    assert 0 < len(kept) < len(every)
+    assert [t.index for t in kept] == list(range(len(kept))) and len({t.name for t in kept}) == len(kept)
+
+
 def test_concurrency_is_capped_by_cpus():
     sweep = load_sweep(SMOKE)
     assert sweep.trials_per_round(2) == 2
@@ -122,6 +132,8 @@ def test_shipped_sweeps_validate():
         (lambda t: t["grid"].update(tokens=[100]), "less than one global batch (512 tokens)"),
         (lambda t: t["grid"].update(tokens=[32768, 32800]), "give L2-d64-h4 the same 64 steps"),
         (lambda t: t.update(preset="tinny"), "unknown preset 'tinny'; did you mean 'tiny'?"),
+        (lambda t: t["grid"].update(min_steps=10**6), "every trial has fewer than grid.min_steps=1000000 steps"),
+        (lambda t: t["grid"].update(min_steps=0), "sweep key 'grid.min_steps': Input should be greater than or"),
         (lambda t: (t.pop("warmup_fraction"), t["grid"].update(tokens=[1024])),
          "has 2 steps but optim.warmup_steps=5; set warmup_fraction"),
     ],
