@@ -20,6 +20,7 @@ fixed-length windows; ``GlobalOrder`` says which window is sample k of the run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sysconfig
@@ -332,7 +333,7 @@ class GlobalOrder:
         return cls(seed, (n_tokens - 1) // seq_len)
 
     def _epoch_permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_samples)
+        return _permutation(self.seed, epoch, self.n_samples)
 
     def sample_ids(self, start: int, stop: int) -> np.ndarray:
         """Window ids of samples start … stop-1 of the run (may cross epoch boundaries)."""
@@ -355,6 +356,15 @@ class GlobalOrder:
 
     def batch_ids(self, step: int, global_batch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
         return self.sample_ids(*self.rank_slice(step, global_batch, rank, world_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n_samples: int) -> np.ndarray:
+    """Epoch `epoch`'s window order, kept: drawing it is O(n_samples) (12 ms for the 840 K windows of 108 M tokens,
+    at every step that was half of a small model's step time), and a step needs only 16 entries of it."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_samples)
+    order.flags.writeable = False  # shared between calls
+    return order
 
 
 def windows(stream: np.ndarray, ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -152,6 +152,19 @@ def test_global_order_resumable_at_any_step():
     assert np.array_equal(tail, full[13 * 6:])
 
 
+def test_global_order_draws_each_epochs_order_once():
+    """A big corpus has ~10^6 windows: drawing their permutation at every step was half a small model's step."""
+    from app.data import _permutation
+
+    order = GlobalOrder(seed=7, n_samples=1_000_003)
+    _permutation.cache_clear()
+    first = [order.batch_ids(step, 16) for step in range(50)]
+    assert _permutation.cache_info().misses == 1 and _permutation.cache_info().hits == 49
+    assert np.array_equal(np.concatenate(first), np.random.default_rng([7, 0]).permutation(1_000_003)[:800])
+    with pytest.raises(ValueError):
+        _permutation(7, 0, 1_000_003)[0] = 1  # shared between calls: read-only
+
+
 def test_windows_shift_targets():
     stream = np.arange(100, dtype=np.int32)
     order = GlobalOrder.for_stream(0, len(stream), seq_len=10)
