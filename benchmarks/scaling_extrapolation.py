@@ -12,7 +12,8 @@
 4. Train the model shape nearest N_opt (the sweep's head size and width/depth ratio, D = C_target / 6N) with the
    sweep's own settings: preset, overrides, lr rule, warmup, resources.
 5. Report |predicted − achieved| / achieved validation loss (goal ≤ 2%; ~4% is the best published practice) and
-   the planner's wall time against the measured one (goal within 15%).
+   the planner's wall time against the measured one (goal within 15%); beside approach 3, the prediction of
+   Kaplan's L(C) fitted through the same trials' compute-efficient envelope.
 
 Prints a table and writes benchmarks/results/scaling_extrapolation.json (…_quick.json with --quick).
 """
@@ -73,7 +74,7 @@ def main() -> int:
 
     from app import costs
     from app.console import print_table
-    from app.scaling import SMALL_GRID, BESIROGLU_GRID, fit_chinchilla
+    from app.scaling import SMALL_GRID, BESIROGLU_GRID, fit_chinchilla, fit_kaplan_c
     from app.sweep_config import base_config, load_sweep, make_trial
     from pipelines import sweep as sweep_pipeline
     from pipelines.ray_session import ray_session
@@ -100,6 +101,8 @@ def main() -> int:
         law = fit_chinchilla(fitted["n_params"], fitted["tokens"], fitted["val_loss"],
                              grid=SMALL_GRID if args.quick else BESIROGLU_GRID, n_bootstrap=args.bootstrap, seed=0)
         fit_s = time.perf_counter() - t0
+        # A second, simpler predictor from the same trials: Kaplan's L(C) through the compute-efficient envelope.
+        kaplan = fit_kaplan_c(fitted["compute"], fitted["val_loss"], n_bootstrap=args.bootstrap, seed=0)
 
         # 3. plan C_target with the throughput the sweep measured
         c_target = args.factor * c_max
@@ -121,6 +124,7 @@ def main() -> int:
         # At constant FLOP/s (the planner's model) hours depend on C only, so they hold for the shape trained too.
         planned_wall_s = plan.wall_hours * 3600.0
         predicted, lo, hi = law.predict(trial.n_params, trial.tokens)
+        k_predicted, k_lo, k_hi = kaplan.predict(trial.compute)
 
         # 4. train it
         from app.data import read_manifest
@@ -133,6 +137,7 @@ def main() -> int:
 
     achieved = float(summary["final_val_loss"])
     loss_err = abs(predicted - achieved) / achieved
+    k_err = abs(k_predicted - achieved) / achieved
     wall_err = (planned_wall_s - summary["wall_s"]) / summary["wall_s"]
     productive_s = summary["ledger"]["productive_s"]
     held = [(r.trial, r.val_loss, law.predict(r.n_params, r.tokens)[0]) for r in held_out.itertuples()]
@@ -145,6 +150,9 @@ def main() -> int:
         ("predicted val loss", f"{predicted:.4f} [{lo:.4f}, {hi:.4f}]"),
         ("achieved val loss", f"{achieved:.4f}"),
         ("abs relative error (goal ≤ 2%)", f"{loss_err:.2%}"),
+        ("Kaplan L(C) (envelope) predicted", f"{k_predicted:.4f} [{k_lo:.4f}, {k_hi:.4f}]: "
+                                             f"alpha_C={kaplan.params['alpha_C']:.4f}"),
+        ("Kaplan L(C) abs relative error", f"{k_err:.2%}"),
         ("planner wall s / measured wall s", f"{planned_wall_s:,.0f} / {summary['wall_s']:,.0f} "
                                              f"(productive {productive_s:,.0f})"),
         ("wall-time error (goal within 15%)", f"{wall_err:+.1%}"),
@@ -166,7 +174,10 @@ def main() -> int:
         "plan": plan.to_dict(), "planned_wall_s": planned_wall_s,
         "target": {**trial.row(), "epochs": epochs},
         "predicted_loss": predicted, "predicted_interval": [lo, hi], "achieved_loss": achieved,
-        "abs_relative_error": loss_err, "measured_wall_s": summary["wall_s"], "productive_s": productive_s,
+        "abs_relative_error": loss_err,
+        "kaplan_c": {"fit": kaplan.to_json(), "predicted_loss": k_predicted, "predicted_interval": [k_lo, k_hi],
+                     "abs_relative_error": k_err},
+        "measured_wall_s": summary["wall_s"], "productive_s": productive_s,
         "wall_time_relative_error": wall_err,
         "held_out": [{"trial": n, "loss": loss, "predicted": p} for n, loss, p in held],
         "benchmark_seconds": time.perf_counter() - t_begin,
