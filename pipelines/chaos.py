@@ -59,7 +59,10 @@ class LocalCluster:
         from ray.cluster_utils import Cluster
 
         self.cpus = cpus
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        from pipelines.elastic import NODE_HEALTH_CHECK
+
+        self.cluster = Cluster(initialize_head=True,
+                               head_node_args={"num_cpus": 0, "_system_config": dict(NODE_HEALTH_CHECK)})
         self.workers = [self.cluster.add_node(num_cpus=cpus) for _ in range(n)]
         self.cluster.wait_for_nodes()
 

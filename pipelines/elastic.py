@@ -32,6 +32,16 @@ RECOVERY_ENV = {
     "preemption_poll_interval_s": "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S",
 }
 
+NODE_HEALTH_CHECK = {
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 5000,
+    "health_check_failure_threshold": 3,
+}
+"""The GCS's node health checks for a cluster that loses nodes without notice (the head's `ray start` takes them as
+RAY_<name> variables; cluster.yaml and the chaos harness's local cluster set them). Ray's defaults (every 3 s,
+dead after 5 failures) leave a node that died unannounced on the books for 15 s or more, and a restart meanwhile
+waits for it; these declare a dead raylet within ~3 s, and a machine that vanished within ~18 s instead of ~65 s."""
+
 
 class _PendingResize(NamedTuple):
     """A resize waiting for the checkpoint it asked the workers for."""
@@ -57,8 +67,7 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         self._board = board  # the run's progress board: where a resize asks the workers for a checkpoint
         self._pending: _PendingResize | None = None
         self._now = time.monotonic
-        self._leaving: set[str] = set()  # every node seen draining (a drained node never comes back; a new one
-        # joins under a new id)
+        self._leaving: set[str] = set()  # nodes seen draining and still on Ray's books
 
     def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
         """Ray resizes a running group by restarting it from its last checkpoint, which loses every step since.
@@ -91,10 +100,29 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         self._pending = None
         return decision
 
+    def _get_reserved_resources(self):
+        """Ray's reservation, against the cluster as it is now. Ray's AutoscalingCoordinator re-reads the node list
+        only every 20 s, so a restart just after a node died still counted the dead node (and waited for it), and a
+        node that had just joined went unseen for up to 20 s; `recompute=True` re-reads it first (Ray's documented
+        use: callers that place workers on the answer). At most once a second, as Ray's own query."""
+        now = time.monotonic()
+        if now - self._latest_reserved_resources_query_time < self.GET_RESERVED_RESOURCES_INTERVAL_S:
+            return self._latest_reserved_resources
+        try:
+            reserved = ray_get(self._autoscaling_coordinator.get_reserved_resources.remote(self._requester_id,
+                                                                                          recompute=True))
+        except Exception:  # as Ray's: no decision this time
+            log.warning("could not read the reserved resources; no resize decision this time", exc_info=True)
+            reserved = None
+        self._latest_reserved_resources_query_time = time.monotonic()
+        self._latest_reserved_resources = reserved
+        return reserved
+
     def _count_possible_workers(self, reserved_resources) -> int:
         # Remembered: once its deadline has passed a node leaves Ray's draining list, yet stays on its books until
         # the GCS declares it dead; counted then, a resize back to 2 waited out the start timeout for it.
-        self._leaving |= draining_nodes()
+        # Forgotten once Ray no longer lists it at all (declared dead): node ids are never reused.
+        self._leaving = (self._leaving | draining_nodes()) & set(reserved_resources)
         staying = {node: res for node, res in reserved_resources.items() if node not in self._leaving}
         possible = super()._count_possible_workers(staying)
         i = bisect.bisect_right(self._accepted, possible)

@@ -60,3 +60,15 @@ def test_torn_checkpoint_falls_back_to_previous_good_one(chaos_cfg, shared, tmp_
     assert r["resumed_from_steps"] == [0, 50]  # step 100 lost a shard: skipped for step 50
     assert r["duplicated_samples"] == 0 and r["skipped_samples"] == 0
     assert r["max_rel_loss_diff_vs_reference"] < 1e-6
+
+
+def test_lost_node_without_replacement_restarts_on_the_survivor(chaos_cfg, shared, tmp_path):
+    """No notice and no node coming back: the dead node must drop off the policy's view (GCS health checks, a fresh
+    coordinator read) so the group restarts at size 1 from the last checkpoint."""
+    r = _run(chaos_cfg, shared, tmp_path, "kill-node", inject_at_step=80, rejoin_after_s=None).report
+    assert r["world_sizes"] == [2, 1] and r["restarts"] == 1
+    # from the newest checkpoint before the loss (every 50 steps; the node goes once the run reports step 80+)
+    assert r["resumed_from_steps"][0] == 0 and r["resumed_from_steps"][1] in (50, 100) and r["steps"] == STEPS
+    assert 0 < r["lost_steps"] < 50 + 20
+    assert r["duplicated_samples"] == 0 and r["skipped_samples"] == 0
+    assert r["max_rel_loss_diff_vs_reference"] < 1e-3  # world size 1 reduces in another order

@@ -239,6 +239,19 @@ def test_token_auth_is_on_for_every_ray_start(prepared):
     assert worker["address"] == "10.0.0.1:6379"
 
 
+def test_the_head_declares_a_lost_node_dead_quickly(prepared, cr):
+    """The GCS runs on the head: both cluster definitions give it the node health checks the chaos harness's
+    local cluster uses (a node lost without notice off Ray's books in ~3 s)."""
+    from pipelines.elastic import NODE_HEALTH_CHECK
+
+    want = {k: str(v) for k, v in NODE_HEALTH_CHECK.items()}
+    start = next(c for c in prepared["head_start_ray_commands"] if "ray start" in c)
+    assert dict(re.findall(r"RAY_(health_check_\w+)=(\d+)", start)) == want
+    head_env = _env(_containers(cr["spec"]["headGroupSpec"])[0])
+    assert {k: head_env[f"RAY_{k}"]["value"] for k in NODE_HEALTH_CHECK} == want
+    assert NODE_HEALTH_CHECK["health_check_period_ms"] * NODE_HEALTH_CHECK["health_check_failure_threshold"] <= 5000
+
+
 def test_token_auth_is_not_disabled_anywhere():
     for path in (CLUSTER_YAML, KUBERAY_YAML, DOCKERFILE):
         text = path.read_text()

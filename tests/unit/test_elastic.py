@@ -42,6 +42,38 @@ def test_a_draining_node_is_not_counted_for_a_restart(monkeypatch):
     assert policy._count_possible_workers(nodes) == 1  # b passed its deadline: off Ray's draining list, not gone
     monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
     assert policy._count_possible_workers({"a" * 56: {"CPU": 1.0}, "d" * 56: {"CPU": 1.0}}) == 2  # a new node
+    assert policy._leaving == set()  # b and c are off Ray's books: forgotten
+
+
+def test_the_restart_size_comes_from_a_fresh_view_of_the_cluster(monkeypatch):
+    """Ray's coordinator re-reads the node list every 20 s; the policy asks it to re-read first (a dead node not
+    counted, a new one seen at once), and no more than once a second."""
+    from types import SimpleNamespace
+
+    from pipelines import elastic
+
+    calls = []
+
+    def get_reserved_resources(requester, recompute=False):
+        calls.append((requester, recompute))
+        return {"a" * 56: {"CPU": 1.0}}
+
+    coordinator = SimpleNamespace(get_reserved_resources=SimpleNamespace(remote=get_reserved_resources))
+    monkeypatch.setattr(elastic, "ray_get", lambda value, timeout=5.0: value)
+    policy = elastic.AcceptedSizesScalingPolicy(
+        ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2])
+    policy._requester_id = "train-x"
+    policy._coordinator_client = SimpleNamespace(_autoscaling_coordinator=coordinator,
+                                                 maybe_send_resource_request=lambda *args: None)
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
+    decision = policy.make_decision_for_non_running_worker_group()
+    assert decision.num_workers == 1
+    assert calls == [("train-x", True)]
+    policy.make_decision_for_non_running_worker_group()
+    assert len(calls) == 1  # within the second: the last answer
+    policy._latest_reserved_resources_query_time -= policy.GET_RESERVED_RESOURCES_INTERVAL_S
+    policy.make_decision_for_non_running_worker_group()
+    assert calls == [("train-x", True)] * 2
 
 
 def test_draining_nodes_asks_ray_core(ray_local):
