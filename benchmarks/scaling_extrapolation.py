@@ -1,6 +1,6 @@
 """Scaling-law extrapolation: fit small runs, plan a run ~10× bigger than any of them, train it, compare.
 
-    python benchmarks/scaling_extrapolation.py                 # scaling_small.yaml: ~1-2 hours on 2 cores
+    python benchmarks/scaling_extrapolation.py                 # scaling_small.yaml: ~1 hour on 2 cores
     python benchmarks/scaling_extrapolation.py --quick         # smoke-sized: proves the pipeline, claims nothing
 
 1. Run the sweep (tune_configs/scaling_small.yaml; resumed if its folder already has results).
