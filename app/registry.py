@@ -16,7 +16,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
 import tempfile
 import time
 import uuid
@@ -28,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
-from app.config import ModelConfig
+from app.config import NAME_PATTERN as _NAME, ModelConfig
 from app.console import html_table
 from app.errors import UserError
 from app.model import GPT
@@ -39,7 +38,6 @@ CARD = "model_card.json"
 TIED_NAME = "head.lm_head.weight"  # the same tensor as embed.wte.weight: stored once
 DEFAULT_ROOT = "runs/registry"
 ROOT_ENV = "SCALESTACK_REGISTRY"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class ModelNotFound(UserError):

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -111,7 +112,7 @@ def main() -> int:
             if args.only and label not in args.only:
                 continue
             run_cfg = load_config(args.preset, [
-                f"name=bench-{label.replace(' ', '').replace('+', '-').lower()}-{int(time.time())}",
+                f"name=bench-{re.sub(r'[^a-z0-9.]+', '-', label.lower()).strip('-')}-{int(time.time())}",
                 "storage=runs/bench", "parallel.workers=2", f"steps={args.steps}", "checkpoint.every_steps=0",
                 "eval_every=0", "optim.warmup_steps=0", f"parallel.peak_flops_per_worker={peak_1t}", *overrides])
             summary = train.run(run_cfg)

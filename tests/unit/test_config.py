@@ -55,6 +55,15 @@ def test_bad_value_names_field():
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["a(b)", "with space", "-leading-dash", "x" * 129, "a/b"])
+def test_a_run_name_the_registry_would_refuse_fails_before_training(name):
+    # The end of a run publishes its model under this name; a bad one used to fail only after the whole run.
+    with pytest.raises(ConfigError, match="not a valid run name") as err:
+        load_config("tiny", [f"name={name}"])
+    assert "\n" not in str(err.value) and "'name'" in str(err.value)
+    assert load_config("tiny", ["name=bench-zero-2.offload_1"]).name == "bench-zero-2.offload_1"
+
+
 def test_missing_field_named():
     tree = load_config("tiny").model_dump()
     del tree["optim"]["lr"]
