@@ -193,8 +193,10 @@ class ElasticConfig(StrictModel):
     health_check_interval_s: float = Field(gt=0, description="Seconds between Ray Train's worker health checks.")
     preemption_poll_interval_s: float = Field(gt=0, description="Seconds between Ray's polls for drain notices.")
 
+
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Run and model names: a run's folder, its Ray actors and the model it exports to the registry all carry it."""
+NAME_RULE = "use letters, digits, '.', '_' and '-' (at most 128, starting with a letter or digit)"
 
 
 class TrainConfig(StrictModel):
@@ -224,8 +226,7 @@ class TrainConfig(StrictModel):
     def _registry_safe_name(cls, name: str) -> str:
         # Checked here, before any training: the end of a run publishes its model under this name.
         if not NAME_PATTERN.match(name):
-            raise ValueError(f"'{name}' is not a valid run name; use letters, digits, '.', '_' and '-' (at most 128, "
-                             "starting with a letter or digit)")
+            raise ValueError(f"'{name}' is not a valid run name; {NAME_RULE}")
         return name
 
     @model_validator(mode="after")

@@ -89,21 +89,21 @@ def iter_documents(spec: str, max_documents: int | None = None) -> Iterator[Docu
 
 
 def _stdlib_documents(domain: str) -> Iterator[Document]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if _STDLIB_SKIP_DIRS.intersection(rel.parts):
-            continue
-        yield Document(f"stdlib:{rel.as_posix()}", domain, path.read_text(encoding="utf-8", errors="replace"))
+    return _python_files("stdlib", sysconfig.get_paths()["stdlib"], _STDLIB_SKIP_DIRS, domain)
 
 
 def _site_packages_documents(domain: str) -> Iterator[Document]:
-    root = Path(sysconfig.get_paths()["purelib"])
+    return _python_files("site-packages", sysconfig.get_paths()["purelib"], _SITE_PACKAGES_SKIP_DIRS, domain)
+
+
+def _python_files(source: str, folder: str, skip_dirs: set[str], domain: str) -> Iterator[Document]:
+    """The .py files under `folder` in path order, minus any under a folder named in `skip_dirs`."""
+    root = Path(folder)
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if _SITE_PACKAGES_SKIP_DIRS.intersection(rel.parts) or not path.is_file():
+        if skip_dirs.intersection(rel.parts) or not path.is_file():
             continue
-        yield Document(f"site-packages:{rel.as_posix()}", domain, path.read_text(encoding="utf-8", errors="replace"))
+        yield Document(f"{source}:{rel.as_posix()}", domain, path.read_text(encoding="utf-8", errors="replace"))
 
 
 def _pydoc_documents(domain: str) -> Iterator[Document]:

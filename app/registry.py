@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
-from app.config import NAME_PATTERN as _NAME, ModelConfig
+from app.config import NAME_PATTERN, NAME_RULE, ModelConfig
 from app.console import html_table
 from app.errors import UserError
 from app.model import GPT
@@ -100,7 +100,7 @@ def load_artifact(path_or_name: str | Path, registry: str | None = None) -> Arti
     path = Path(path_or_name)
     if (path / CARD).is_file():
         return _load_folder(path)
-    if _NAME.match(str(path_or_name)):
+    if NAME_PATTERN.match(str(path_or_name)):
         return Registry(registry).load(str(path_or_name))  # an unknown name fails with the closest known ones
     raise ModelNotFound(f"no model artifact at {path} (missing {CARD}); pass a folder written by training "
                         "or a registry name (`python -m app models list`)")
@@ -152,9 +152,8 @@ class Registry:
 
     def _dir(self, name: str) -> str:
         """Model `name`'s folder inside the registry's filesystem."""
-        if not _NAME.match(name):
-            raise UserError(f"model name '{name}' is not valid; use letters, digits, '.', '_' and '-' "
-                            "(at most 128, starting with a letter or digit)")
+        if not NAME_PATTERN.match(name):
+            raise UserError(f"model name '{name}' is not valid; {NAME_RULE}")
         return f"{self._base}/{name}"
 
     def exists(self, name: str) -> bool:
@@ -166,7 +165,8 @@ class Registry:
             return []
         entries = self.fs.get_file_info(pafs.FileSelector(self._base))
         return sorted(e.base_name for e in entries
-                      if e.type == pafs.FileType.Directory and _NAME.match(e.base_name) and self.exists(e.base_name))
+                      if e.type == pafs.FileType.Directory and NAME_PATTERN.match(e.base_name)
+                      and self.exists(e.base_name))
 
     def card(self, name: str) -> dict[str, Any]:
         """Model `name`'s card (JSON)."""
