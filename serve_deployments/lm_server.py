@@ -120,6 +120,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     logprob_sum: float = 0.0  # natural-log probability of each generated token under the model (temperature 1)
     entropy_sum: float = 0.0  # entropy (nats) of the model's next-token distribution at each step
+    prompt_logprob: float | None = None  # mean log-probability of the prompt's tokens after its first (prefill)
     text: str = ""  # the completion's text, cut before a stop string once one appears
     emitted: int = 0  # characters of text already streamed
     finish_reason: str | None = None  # "stop" (eos or a stop string) or "length"
@@ -161,7 +162,7 @@ class Sequence:
             "text": self.text, "token_ids": list(self.token_ids), "prompt_tokens": len(self.prompt_ids),
             "completion_tokens": n, "finish_reason": self.finish_reason,
             "mean_logprob": self.logprob_sum / n if n else 0.0, "mean_entropy": self.entropy_sum / n if n else 0.0,
-            "model": model,
+            "prompt_logprob": self.prompt_logprob, "model": model,
         }
 
 
@@ -195,7 +196,10 @@ class DecodeBatch:
         """One forward (the prefill, then one token per row); returns one stream event per sequence, None for a
         sequence that had already finished."""
         assert not self.done
-        logits = self.model.forward_padded(self._idx, self._pad, self._cache, self._slot)[:, -1]  # [B, V]
+        logits = self.model.forward_padded(self._idx, self._pad, self._cache, self._slot)  # [B, T, V]
+        if self._slot == 0:
+            self._score_prompts(logits)
+        logits = logits[:, -1]  # [B, V]
         self._slot += self._idx.size(1)
         tokens, logprobs, entropies = self._choose(logits)
         events: list[dict | None] = [None] * len(self.seqs)
@@ -214,6 +218,17 @@ class DecodeBatch:
             self._live = [self._live[r] for r in keep]
         self._idx = tokens[:, None]  # [B, 1]
         return events
+
+    def _score_prompts(self, logits: torch.Tensor) -> None:
+        """Each prompt's mean token log-probability under the model, from the prefill's logits [B, T, V] (no extra
+        forward; a judge's feature). Row by row, so the log-softmax never holds more than one prompt's [T, V]."""
+        width = self._idx.size(1)
+        for row, s in enumerate(self.seqs):
+            pad = int(self._pad[row])
+            if width - pad < 2:
+                continue  # a one-token prompt predicts nothing
+            logp = F.log_softmax(logits[row, pad:width - 1].float(), dim=-1)  # [n - 1, V]: token t from t - 1
+            s.prompt_logprob = float(logp.gather(1, self._idx[row, pad + 1:, None]).mean())
 
     def _choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Next token of each row (greedy or its own sampling settings and generator), its log-probability and
@@ -376,7 +391,7 @@ class LMServer:
 
     async def generate(self, req: dict) -> dict:
         """A completion: text, token_ids, prompt/completion token counts, finish_reason, mean_logprob,
-        mean_entropy, model. Returns as soon as this request finishes, whatever else is in its batch."""
+        mean_entropy, prompt_logprob (None for a one-token prompt), model. Returns as soon as this request finishes, whatever else is in its batch."""
         seq = self._sequence(req)
         events = self._decode_batch(seq)
         async for event in events:

@@ -89,6 +89,21 @@ def test_padded_batch_decodes_each_row_as_if_alone(loaded) -> None:
     assert rows[0] == 4 and rows[-1] == 1 and rows == sorted(rows, reverse=True)
 
 
+def test_prefill_scores_each_prompt_as_if_alone(loaded) -> None:
+    """prompt_logprob (a judge's feature) comes from the batch's left-padded prefill and equals the model's own
+    mean log-likelihood of the prompt's tokens after the first; a one-token prompt has none."""
+    tok, model = loaded.tokenizer, loaded.model
+    seqs = [greedy(loaded, [tok.eos_id, *tok.encode(p)], 2) for p in PROMPTS] + [greedy(loaded, [tok.eos_id], 2)]
+    batch = DecodeBatch(model, seqs, tok.pad_id)
+    while not batch.done:
+        batch.step()
+    for s in seqs[:-1]:
+        x, y = torch.tensor([s.prompt_ids[:-1]]), torch.tensor([s.prompt_ids[1:]])
+        assert s.result("m")["prompt_logprob"] == pytest.approx(-model(x, y)[1].item(), rel=1e-5)
+    assert len({s.prompt_logprob for s in seqs[:-1]}) == len(PROMPTS)  # rows are not mixed up
+    assert seqs[-1].result("m")["prompt_logprob"] is None
+
+
 def test_stop_string_cuts_text_and_the_stream_never_shows_it(loaded) -> None:
     tok = loaded.tokenizer
     text = "result = compute(x)\n# stop here please"
