@@ -32,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Collection, Iterable, Literal, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from app.errors import ConfigError
 
@@ -247,7 +247,67 @@ class DomainRoute(Policy):
         return {"domain_counts": dict(self.counts)}
 
 
-JUDGES = ("self_logprob", "self_entropy", "teacher")
+JUDGES = ("self_logprob", "self_entropy", "teacher", "learned")
+GAIN_FEATURES = ("mean_logprob", "mean_entropy", "prompt_logprob")  # of the student's answer (LMServer.generate)
+
+
+@dataclass(frozen=True)
+class GainJudge:
+    """The `learned` judge: how much better the teacher's answer would be than the student's, predicted from the
+    student's answer alone — a linear function of its standardised `features` (keys of the answer dict, all free
+    with the student's one generate call), fitted by `fit_gain_judge` on sample traffic where both models' quality
+    is known. A missing or non-finite feature counts as its fitted mean."""
+
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    weights: tuple[float, ...]
+    bias: float
+    n: int = 0  # requests it was fitted on
+
+    def predict(self, answer: dict) -> float:
+        """The predicted quality gain of asking the teacher instead (in the fit's quality units)."""
+        gain = self.bias
+        for name, mean, scale, weight in zip(self.features, self.mean, self.scale, self.weights):
+            value = answer.get(name)
+            if value is not None and math.isfinite(value):
+                gain += weight * (float(value) - mean) / scale
+        return gain
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
+                "weights": list(self.weights), "bias": self.bias, "n": self.n}
+
+
+def fit_gain_judge(answers: Sequence[dict], q_student: Sequence[float], q_teacher: Sequence[float],
+                   features: Sequence[str] = GAIN_FEATURES, ridge: float = 1.0) -> GainJudge:
+    """Ridge regression of the teacher's gain q_teacher − q_student on the student answers' standardised features
+    (the intercept is not penalised). `answers` are the student's LMServer.generate results for sample requests;
+    q_student and q_teacher are the two models' quality on the same requests (any scale, higher is better: e.g.
+    exp(−loss) of a reference continuation, or feedback rewards)."""
+    import numpy as np
+
+    n = len(answers)
+    if not n == len(q_student) == len(q_teacher):
+        raise ConfigError(f"fit_gain_judge: {n} answers but {len(q_student)} student and {len(q_teacher)} teacher "
+                          "qualities; give one of each per request")
+    unknown = [f for f in features if f not in GAIN_FEATURES]
+    if unknown or not features:
+        raise ConfigError(f"fit_gain_judge: features {unknown or '[]'} unknown; choose from {list(GAIN_FEATURES)}")
+    if n < 10:
+        raise ConfigError(f"fit_gain_judge: {n} judged requests are too few to fit on; give at least 10")
+    x = np.array([[a.get(f) if a.get(f) is not None else np.nan for f in features] for a in answers], dtype=float)
+    x[~np.isfinite(x)] = np.nan
+    mean = np.where(np.isnan(x).all(axis=0), 0.0, np.nanmean(np.where(np.isnan(x).all(axis=0), 0.0, x), axis=0))
+    x = np.where(np.isnan(x), mean, x)
+    scale = x.std(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    design = np.column_stack([np.ones(n), (x - mean) / scale])
+    penalty = ridge * np.diag([0.0] + [1.0] * len(features))
+    gain = np.asarray(q_teacher, dtype=float) - np.asarray(q_student, dtype=float)
+    coef = np.linalg.solve(design.T @ design + penalty, design.T @ gain)
+    return GainJudge(tuple(features), tuple(mean.tolist()), tuple(scale.tolist()), tuple(coef[1:].tolist()),
+                     float(coef[0]), n)
 
 
 @dataclass
@@ -256,23 +316,33 @@ class Cascade(Policy):
 
     Judges (higher = better answer): ``self_logprob`` the student's mean token log-probability of its own answer;
     ``self_entropy`` minus its mean next-token entropy (nats); ``teacher`` the teacher's mean log-probability of the
-    student's answer (one `score()` call, cheaper than the teacher generating). Recent scores are kept so the
-    threshold can be calibrated to a target escalation rate from live traffic.
+    student's answer (one `score()` call, cheaper than the teacher generating); ``learned`` minus the teacher's gain
+    that `gain_judge` predicts from the answer (fitted on sample traffic by `fit_gain_judge`). Recent scores are
+    kept so the threshold can be calibrated to a target escalation rate from live traffic.
     """
 
     student: str
     teacher: str
     judge: str = "self_logprob"
     threshold: float = -3.0
+    gain_judge: GainJudge | None = None
     recent: deque = field(default_factory=lambda: deque(maxlen=2000))
     calls: int = 0
     escalations: int = 0
+
+    def __post_init__(self) -> None:
+        if self.judge not in JUDGES:
+            raise ConfigError(f"cascade judge '{self.judge}' is unknown; choose one of {', '.join(JUDGES)}")
+        if (self.judge == "learned") != (self.gain_judge is not None):
+            raise ConfigError("the cascade's 'learned' judge needs a gain_judge (fit_gain_judge), and only it uses one")
 
     def decide(self, req: RouteRequest, rng: random.Random) -> Decision:
         return Decision(self.student, ["cascade"], cascade=self)
 
     def score(self, student_answer: dict, teacher_logprob: float | None = None) -> float:
         """The judge's score of a student answer (the dict LMServer.generate returns)."""
+        if self.gain_judge is not None:
+            return -self.gain_judge.predict(student_answer)
         if self.judge == "teacher":
             assert teacher_logprob is not None, "the teacher judge needs the teacher's score of the answer"
             return teacher_logprob
@@ -507,8 +577,44 @@ class CascadeSpec(_Spec):
     kind: Literal["cascade"]
     student: str = Field(description="Model that answers first.")
     teacher: str = Field(description="Model that answers when the judge's score is below threshold.")
-    judge: Literal["self_logprob", "self_entropy", "teacher"] = "self_logprob"
-    threshold: float = Field(-3.0, description="Escalate when the judge's score is below this (log-prob units).")
+    judge: Literal["self_logprob", "self_entropy", "teacher", "learned"] = "self_logprob"
+    threshold: float = Field(-3.0, description="Escalate when the judge's score is below this (log-prob units; "
+                             "for 'learned', minus the predicted gain).")
+    judge_model: "GainJudgeSpec | str | None" = Field(
+        None, description="The 'learned' judge's fit: the JSON `benchmarks/router_quality.py --write-judge` writes "
+        "(inline, or the path of its file).")
+
+    @model_validator(mode="after")
+    def _judge_model_goes_with_learned(self) -> "CascadeSpec":
+        if self.judge == "learned" and self.judge_model is None:
+            raise ValueError("judge 'learned' needs judge_model: the JSON (or its path) that "
+                             "`benchmarks/router_quality.py --write-judge PATH` writes")
+        if self.judge != "learned" and self.judge_model is not None:
+            raise ValueError(f"judge_model is only used by judge 'learned' (judge is '{self.judge}'); drop it")
+        return self
+
+
+class GainJudgeSpec(_Spec):
+    features: list[Literal["mean_logprob", "mean_entropy", "prompt_logprob"]] = Field(min_length=1)
+    mean: list[float]
+    scale: list[float]
+    weights: list[float]
+    bias: float
+    n: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _aligned(self) -> "GainJudgeSpec":
+        k = len(self.features)
+        if not len(self.mean) == len(self.scale) == len(self.weights) == k:
+            raise ValueError(f"mean, scale and weights need one value per feature ({k}); got "
+                             f"{len(self.mean)}, {len(self.scale)}, {len(self.weights)}")
+        if not all(s > 0 for s in self.scale):
+            raise ValueError(f"scale values must be > 0 (got {self.scale})")
+        return self
+
+    def judge(self) -> GainJudge:
+        return GainJudge(tuple(self.features), tuple(self.mean), tuple(self.scale), tuple(self.weights),
+                         self.bias, self.n)
 
 
 class SplitSpec(_Spec):
@@ -546,7 +652,7 @@ Node = Union[
     str,
     Annotated[Union[DomainSpec, CascadeSpec, SplitSpec, CanarySpec, BanditSpec, ShadowSpec], Field(discriminator="kind")],
 ]
-for _cls in (DomainSpec, SplitSpec, ShadowSpec):
+for _cls in (DomainSpec, CascadeSpec, SplitSpec, ShadowSpec):
     _cls.model_rebuild()
 
 
@@ -556,15 +662,39 @@ class PolicySpec(BaseModel):
     policy: Node
 
 
+_PYDANTIC_BRANCH = re.compile(r"(tagged-union|function-\w+)\[")
+
+
 def parse_spec(raw: Any) -> Node:
     """Validate a raw policy tree; a mistake raises ConfigError naming its path, e.g. `policy.routes.code.kind`."""
     try:
         return PolicySpec(policy=raw).policy
     except ValidationError as err:
-        first = err.errors()[0]
-        path = ".".join(str(p) for p in first["loc"] if not str(p).endswith("Spec") and not str(p).startswith("str"))
+        # A node is a model name or a typed dict: report the dict branch's error, not "not a string"
+        errors = err.errors()
+        first = next((e for e in errors if "str" not in e["loc"]), errors[0])
+        path = ".".join(str(p) for p in first["loc"]
+                        if not str(p).endswith("Spec") and str(p) != "str" and not _PYDANTIC_BRANCH.match(str(p)))
         raise ConfigError(f"router {path}: {first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})"
                           ) from None
+
+
+def _gain_judge(spec: "GainJudgeSpec | str | None", path: str) -> GainJudge | None:
+    """The learned judge of a cascade spec: inline, or read from the JSON file a path names."""
+    import json
+
+    if spec is None or isinstance(spec, GainJudgeSpec):
+        return spec.judge() if spec else None
+    try:
+        raw = json.loads(Path(spec).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"router {path}: cannot read a gain judge from '{spec}' ({err}); give the JSON file "
+                          "`benchmarks/router_quality.py --write-judge` wrote") from None
+    try:
+        return GainJudgeSpec.model_validate(raw.get("judge", raw) if isinstance(raw, dict) else raw).judge()
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"router {path} ({spec}): {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 def build_policy(raw: Any, models: Collection[str], classifiers: dict[str, DomainClassifier] | None = None) -> Policy:
@@ -593,7 +723,7 @@ def build_policy(raw: Any, models: Collection[str], classifiers: dict[str, Domai
             return DomainRoute(clf, routes, build(node.default, f"{path}.default"))
         if isinstance(node, CascadeSpec):
             return Cascade(model(node.student, f"{path}.student"), model(node.teacher, f"{path}.teacher"),
-                           node.judge, node.threshold)
+                           node.judge, node.threshold, _gain_judge(node.judge_model, f"{path}.judge_model"))
         if isinstance(node, SplitSpec):
             bad = {a: w for a, w in node.weights.items() if not w > 0}
             if bad:

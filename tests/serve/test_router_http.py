@@ -9,6 +9,7 @@ whose tests may only use 127.0.0.1), a small rate limit, and the semantic cache 
 from __future__ import annotations
 
 import json
+import re
 import sysconfig
 import time
 from pathlib import Path
@@ -176,6 +177,24 @@ def test_feedback_trains_a_live_bandit_policy(server):
         assert sum(state["feedback"].values()) == pytest.approx(12)
         assert state["posterior_mean"]["teacher"] > 0.5 > state["posterior_mean"]["student"]
         assert post(server, "/v1/feedback", {"id": "cmpl-nope", "reward": 1}).status_code == 404
+    finally:
+        assert post(server, "/v1/admin/policy", {"policy": MAIN_POLICY}, KEY).status_code == 200
+
+
+def test_a_learned_judge_reads_the_prompt_logprob_of_the_students_answer(server):
+    # a gain judge on the prompt's log-prob alone: score = -(predicted gain) = -prompt_logprob > 0 when it arrives
+    judge = {"features": ["prompt_logprob"], "mean": [0.0], "scale": [1.0], "weights": [1.0], "bias": 0.0}
+    learned = {"kind": "cascade", "student": "student", "teacher": "teacher", "judge": "learned",
+               "judge_model": judge, "threshold": 0.0}
+    try:
+        assert post(server, "/v1/admin/policy", {"policy": learned}, KEY).status_code == 200
+        r = post(server, "/v1/completions", {"prompt": CODE + "# learned\n", **GREEDY})
+        route = r.headers["x-scalestack-route"]
+        score = float(re.search(r"judge=(-?[0-9.]+)", route).group(1))
+        assert 1.0 < score < 20.0, route  # an untrained 512-token model: about ln 512 = 6.2 nats per token
+        assert r.headers["x-scalestack-model"] == "student" and r.headers["x-scalestack-escalated"] == "false"
+        bad = post(server, "/v1/admin/policy", {"policy": {**learned, "judge_model": None}}, KEY)
+        assert bad.status_code == 400 and "judge 'learned' needs judge_model" in bad.json()["error"]["message"]
     finally:
         assert post(server, "/v1/admin/policy", {"policy": MAIN_POLICY}, KEY).status_code == 200
 

@@ -3,6 +3,7 @@ bandit convergence, shadow, composition and spec errors."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import random
@@ -24,6 +25,7 @@ from serve_deployments.policies import (
     builtin_classifier,
     calibrate_threshold,
     describe,
+    fit_gain_judge,
     text_agreement,
 )
 
@@ -87,6 +89,40 @@ def test_cascade_judges_escalate_below_threshold():
     t = Cascade("s", "t", "teacher", threshold=-2.0)
     assert t.score({"mean_logprob": -0.1, "mean_entropy": 0.1}, teacher_logprob=-4.0) == -4.0
     assert c.state()["escalation_rate"] == pytest.approx(2 / 3, abs=1e-4)
+
+
+def test_learned_judge_fits_the_gain_and_escalates_where_the_teacher_gains_most(tmp_path):
+    rng = random.Random(3)
+    answers = [{"mean_logprob": rng.gauss(-2, 0.5), "mean_entropy": rng.gauss(3, 1.0),
+                "prompt_logprob": rng.gauss(-4, 1.0)} for _ in range(400)]
+    # the teacher gains more on predictable prompts and less on confident answers; entropy is noise
+    q_s = [0.1] * len(answers)
+    q_t = [0.1 + 0.05 * (a["prompt_logprob"] + 4) - 0.02 * (a["mean_logprob"] + 2) + rng.gauss(0, 0.005)
+           for a in answers]
+    judge = fit_gain_judge(answers, q_s, q_t)
+    w = dict(zip(judge.features, judge.weights))
+    assert w["prompt_logprob"] == pytest.approx(0.05 * 1.0, rel=0.1)  # weights are per standard deviation
+    assert w["mean_logprob"] == pytest.approx(-0.02 * 0.5, rel=0.15)
+    assert abs(w["mean_entropy"]) < 0.001 and judge.bias == pytest.approx(0.0, abs=0.002) and judge.n == 400
+    c = Cascade("s", "t", "learned", threshold=-0.05, gain_judge=judge)
+    assert c.should_escalate(c.score({"mean_logprob": -2.0, "mean_entropy": 3.0, "prompt_logprob": -2.0}))
+    assert not c.should_escalate(c.score({"mean_logprob": -2.0, "mean_entropy": 3.0, "prompt_logprob": -5.0}))
+    # a missing feature (a one-token prompt) counts as its mean
+    assert c.score({"mean_logprob": -2.0, "mean_entropy": 3.0, "prompt_logprob": None}) == pytest.approx(
+        -judge.predict({"mean_logprob": -2.0, "mean_entropy": 3.0, "prompt_logprob": judge.mean[2]}))
+    # the JSON the benchmark writes builds the same cascade, inline or from its file
+    path = tmp_path / "judge.json"
+    path.write_text(json.dumps({"judge": judge.to_dict(), "threshold_for_30pct": -0.05}))
+    for model in (str(path), judge.to_dict()):
+        built = build_policy({"kind": "cascade", "student": "code", "teacher": "teacher", "judge": "learned",
+                              "judge_model": model, "threshold": -0.05}, MODELS)
+        assert built.gain_judge == judge
+    with pytest.raises(ConfigError, match="too few"):
+        fit_gain_judge(answers[:5], q_s[:5], q_t[:5])
+    with pytest.raises(ConfigError, match="unknown"):
+        fit_gain_judge(answers, q_s, q_t, features=["loss"])
+    with pytest.raises(ConfigError, match="needs a gain_judge"):
+        Cascade("s", "t", "learned")
 
 
 def test_calibration_hits_the_target_escalation_rate():
@@ -189,9 +225,20 @@ def test_shadow_copies_a_fraction_and_keeps_the_primary_route():
     ({"kind": "domain", "routes": {"code": "code", "sql": "teacher"}, "default": "teacher"}, "domain(s) ['sql']"),
     ({"kind": "split", "weights": {"code": 0, "docs": 1}}, "weights must be > 0"),
     ({"kind": "canary", "baseline": "code", "canary": "code", "percent": 5}, "both 'code'"),
-    ({"kind": "canary", "baseline": "code", "canary": "docs", "percent": 150}, "percent"),
-    ({"kind": "teleport"}, "kind"),
-    ({"kind": "bandit", "models": ["code"], "extra": 1}, "extra"),
+    ({"kind": "canary", "baseline": "code", "canary": "docs", "percent": 150},
+     "policy.canary.percent: Input should be less than or equal to 100"),
+    ({"kind": "teleport"}, "policy: Input tag 'teleport' found using 'kind'"),
+    ({"kind": "bandit", "models": ["code"], "extra": 1}, "policy.bandit.extra: Extra inputs are not permitted"),
+    ({"kind": "cascade", "student": "code"}, "policy.cascade.teacher: Field required"),
+    ({"kind": "cascade", "student": "code", "teacher": "teacher", "judge": "learned"},
+     "policy.cascade: judge 'learned' needs judge_model"),
+    ({"kind": "cascade", "student": "code", "teacher": "teacher", "judge_model": "j.json"},
+     "judge_model is only used by judge 'learned'"),
+    ({"kind": "cascade", "student": "code", "teacher": "teacher", "judge": "learned",
+      "judge_model": {"features": ["mean_logprob"], "mean": [0, 1], "scale": [1], "weights": [1], "bias": 0}},
+     "policy.cascade.judge_model: mean, scale and weights need one value per feature (1); got 2, 1, 1"),
+    ({"kind": "cascade", "student": "code", "teacher": "teacher", "judge": "learned",
+      "judge_model": "/nonexistent/judge.json"}, "policy.judge_model: cannot read a gain judge from"),
     ("ghost", "unknown model 'ghost'"),
 ])
 def test_bad_specs_name_the_field(spec, message):
