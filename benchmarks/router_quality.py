@@ -4,19 +4,22 @@
     python benchmarks/router_quality.py --student student-kd-int8      # any cheap model of the registry
     python benchmarks/router_quality.py --domain-route                 # cheap model = the classifier's specialist
     python benchmarks/router_quality.py --quick                        # a smoke run: 24 pairs per domain
+    python benchmarks/router_quality.py --write-judge runs/judge.json  # also write the fitted learned judge
 
 Requests are held-out pairs from every domain of the models' data (the card's 'data'): a validation window of
 P + C tokens cut into a prompt (the first P) and its true continuation (the next C). Windows do not overlap and
 are drawn with a seed; a domain with fewer windows than --pairs gives all it has.
 
 A model's quality on a request is exp(-loss) of the true continuation under it (loss = mean NLL, nats per token;
-`score_batch`, the LMServer's /score). The cascade's judge is what it uses when serving (`Cascade.score`,
-self_logprob): the cheap model answers the prompt greedily (C tokens, stopping at eos; `DecodeBatch`, the
-LMServer's decoding) and its mean token log-probability of its own answer is the score; a score below the
-threshold escalates to the teacher. Sweeping the threshold over every distinct score gives a curve of
-(teacher-call share, mean quality), compared with a seeded random router (mean over --random-seeds orders) and the
-oracle (escalates the requests the teacher gains most on first, never one where the cheap model is better; its
-quality stays flat from there on).
+`score_batch`, the LMServer's /score). The cheap model answers each prompt greedily (C tokens, stopping at eos;
+`DecodeBatch`, the LMServer's decoding) and every judge scores that answer as the serving `Cascade.score` does:
+self_logprob (the default), self_entropy, teacher (the teacher's log-prob of the answer) and learned (a gain judge,
+`policies.fit_gain_judge`, cross-fitted: each of --folds seeded folds is scored by a judge fitted on the others).
+A score below the threshold escalates to the teacher. Sweeping the threshold over every distinct score gives each
+judge's curve of (teacher-call share, mean quality), compared with a seeded random router (mean over
+--random-seeds orders) and the oracle (escalates the requests the teacher gains most on first, never one where the
+cheap model is better; its quality stays flat from there on). --write-judge PATH also fits the learned judge on all
+requests and writes it for a cascade's judge_model.
 
 PGR(p) = (Q(p) - Q_student) / (Q_teacher - Q_student); APGR is the area under PGR over teacher-call share [0, 1]
 (trapezoids over the curve's points, (0, student) and (1, teacher) included): ~0.5 for random, 1 for a router that
@@ -160,13 +163,11 @@ def continuation_quality(model, windows: np.ndarray, prompt_tokens: int, pad_id:
     return np.array(out)
 
 
-def self_confidence(model, tokenizer, prompts: np.ndarray, max_tokens: int, batch: int, bar) -> np.ndarray:
-    """The cascade's self_logprob judge: the model answers each prompt greedily (at most max_tokens, stopping at
-    eos, exactly as LMServer.generate decodes) and scores its answer by its mean token log-probability."""
+def student_answers(model, tokenizer, prompts: np.ndarray, max_tokens: int, batch: int, bar) -> list[dict]:
+    """The cheap model's greedy answer to each prompt (at most max_tokens, stopping at eos, exactly as
+    LMServer.generate decodes): the dicts every judge reads (mean_logprob, mean_entropy, prompt_logprob, token_ids)."""
     from serve_deployments.lm_server import DecodeBatch, Sequence as Decoding
-    from serve_deployments.policies import Cascade
 
-    judge = Cascade(student="student", teacher="teacher", judge="self_logprob")
     out = []
     for start in range(0, len(prompts), batch):
         seqs = [Decoding(p.tolist(), max_tokens, 0.0, None, None, (), None, tokenizer)
@@ -174,9 +175,45 @@ def self_confidence(model, tokenizer, prompts: np.ndarray, max_tokens: int, batc
         decoding = DecodeBatch(model, seqs, tokenizer.pad_id)
         while not decoding.done:
             decoding.step()
-        out += [judge.score(s.result("student")) for s in seqs]
+        out += [s.result("student") for s in seqs]
         bar.advance(len(seqs))
-    return np.array(out)
+    return out
+
+
+def teacher_judge_logprobs(model, prompts: np.ndarray, answers: list[dict], pad_id: int, batch: int, bar
+                           ) -> np.ndarray:
+    """The `teacher` judge's input: the teacher's mean log-probability of each student answer given its prompt
+    (the LMServer's score; NaN for an empty answer, which escalates)."""
+    from serve_deployments.lm_server import score_batch
+
+    out = np.full(len(answers), np.nan)
+    rows = [i for i, a in enumerate(answers) if a["token_ids"]]
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        items = [(prompts[i].tolist() + answers[i]["token_ids"], len(prompts[i])) for i in chunk]
+        out[chunk] = [r["mean_logprob"] for r in score_batch(model, items, pad_id)]
+        bar.advance(len(chunk))
+    return out
+
+
+def cross_fitted_gain_scores(answers: Sequence[dict], q_student: Sequence[float], q_teacher: Sequence[float],
+                             folds: int = 5, seed: int = 0) -> np.ndarray:
+    """The `learned` judge's score of every request, out of sample: requests are split into `folds` seeded folds,
+    and each fold is scored by a gain judge (`policies.fit_gain_judge`) fitted on the other folds only."""
+    from serve_deployments.policies import Cascade, fit_gain_judge
+
+    n = len(answers)
+    assert n >= 2 * folds, "need at least two requests per fold"
+    fold = np.random.default_rng(seed).permutation(n) % folds
+    qs, qt = np.asarray(q_student, dtype=float), np.asarray(q_teacher, dtype=float)
+    scores = np.zeros(n)
+    for k in range(folds):
+        train = np.flatnonzero(fold != k)
+        judge = fit_gain_judge([answers[i] for i in train], qs[train], qt[train])
+        cascade = Cascade("student", "teacher", "learned", gain_judge=judge)
+        for i in np.flatnonzero(fold == k):
+            scores[i] = cascade.score(answers[i])
+    return scores
 
 
 def _load(name: str, registry: str):
@@ -217,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     from app.data import read_manifest
     from app.errors import DataError, UserError
     from app.registry import machine
-    from serve_deployments.policies import builtin_classifier, calibrate_threshold
+    from serve_deployments.policies import Cascade, builtin_classifier, calibrate_threshold
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -265,8 +302,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         route = np.full(n, args.student)
 
+    if n < max(2 * args.folds, 13):
+        raise UserError(f"{n} requests are too few to cross-fit the learned judge in {args.folds} folds; raise --pairs "
+                        "or lower --folds")
+
     # ---- measure ------------------------------------------------------------------------------------------------
-    q_teacher, q_student, scores = np.zeros(n), np.zeros(n), np.zeros(n)
+    q_teacher, q_student = np.zeros(n), np.zeros(n)
+    answers: list[dict] = [{} for _ in range(n)]
+    prompts = all_windows[:, :args.prompt_tokens]
     with progress_bar("teacher: continuation loss", n) as bar:
         q_teacher[:] = continuation_quality(teacher.model, all_windows, args.prompt_tokens, tok.pad_id, args.batch,
                                             bar)
@@ -277,21 +320,34 @@ def run(args: argparse.Namespace) -> int:
         with progress_bar(f"{name}: continuation loss", len(rows)) as bar:
             q_student[rows] = continuation_quality(art.model, all_windows[rows], args.prompt_tokens, tok.pad_id,
                                                    args.batch, bar)
-        with progress_bar(f"{name}: greedy answers + judge", len(rows)) as bar:
-            scores[rows] = self_confidence(art.model, art.tokenizer, all_windows[rows, :args.prompt_tokens],
-                                           args.continuation_tokens, args.batch, bar)
+        with progress_bar(f"{name}: greedy answers", len(rows)) as bar:
+            for i, a in zip(rows, student_answers(art.model, art.tokenizer, prompts[rows], args.continuation_tokens,
+                                                  args.batch, bar)):
+                answers[i] = a
+    with progress_bar("teacher: judging the answers", n) as bar:
+        teacher_lp = teacher_judge_logprobs(teacher.model, prompts, answers, tok.pad_id, args.batch, bar)
     measure_s = time.perf_counter() - t_start
+
+    # ---- judges: each one's score per request (higher = keep the cheap answer), as the serving Cascade computes
+    scores: dict[str, np.ndarray] = {
+        judge: np.array([Cascade("s", "t", judge).score(a, lp) for a, lp in zip(answers, teacher_lp)])
+        for judge in ("self_logprob", "self_entropy", "teacher")}
+    learned_label = f"learned ({args.folds}-fold cross-fitted)"
+    scores[learned_label] = cross_fitted_gain_scores(answers, q_student, q_teacher, args.folds, args.seed)
+    serving = "self_logprob"  # the Cascade's default judge
 
     # ---- curves -------------------------------------------------------------------------------------------------
     def routers(sel: np.ndarray) -> dict[str, Curve]:
-        casc, _ = cascade_curve(scores[sel], q_student[sel], q_teacher[sel])
-        rand = random_curve(q_student[sel], q_teacher[sel], args.random_seeds, args.seed)
-        return {"cascade": casc, f"random ({args.random_seeds} seeds)": rand,
-                "oracle": oracle_curve(q_student[sel], q_teacher[sel])}
+        out = {f"cascade, {judge}": cascade_curve(s[sel], q_student[sel], q_teacher[sel])[0]
+               for judge, s in scores.items()}
+        out[f"random ({args.random_seeds} seeds)"] = random_curve(q_student[sel], q_teacher[sel], args.random_seeds,
+                                                                   args.seed)
+        out["oracle"] = oracle_curve(q_student[sel], q_teacher[sel])
+        return out
 
     everything = np.ones(n, dtype=bool)
     curves = routers(everything)
-    _, thresholds = cascade_curve(scores, q_student, q_teacher)
+    _, thresholds = cascade_curve(scores[serving], q_student, q_teacher)
     Qs, Qt = float(q_student.mean()), float(q_teacher.mean())
     summary = {}
     for label, curve in curves.items():
@@ -310,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
                  for label, s in summary.items()])
 
     per_domain = {}
-    threshold_30 = calibrate_threshold(scores.tolist(), GOAL_SHARE)
+    threshold_30 = calibrate_threshold(scores[serving].tolist(), GOAL_SHARE)
     for d in domains:
         sel = domain_of == d
         qs, qt = float(q_student[sel].mean()), float(q_teacher[sel].mean())
@@ -318,43 +374,63 @@ def run(args: argparse.Namespace) -> int:
         per_domain[d] = {
             "pairs": int(sel.sum()), "q_student": qs, "q_teacher": qt,
             "teacher_better": float(np.mean(q_teacher[sel] > q_student[sel])),
-            "mean_score": float(np.mean(scores[sel])),
-            "escalated_at_30pct_threshold": float(np.mean(scores[sel] < threshold_30)),
+            "mean_score": float(np.mean(scores[serving][sel])),
+            "escalated_at_30pct_threshold": float(np.mean(scores[serving][sel] < threshold_30)),
             "apgr": {label: apgr(c, qs, qt) for label, c in dc.items()},
         }
-    print_table("per domain (quality = exp(-loss) of the true continuation, mean over requests)",
-                ["domain", "pairs", "Q_student", "Q_teacher", "Q_s/Q_t", "teacher better", "mean score",
-                 "escalated at 30% t", "cascade APGR", "oracle APGR"],
+    judged = [f"cascade, {j}" for j in scores]
+    print_table("per domain (quality = exp(-loss) of the true continuation, mean over requests; APGR per router)",
+                ["domain", "pairs", "Q_student", "Q_teacher", "Q_s/Q_t", "teacher better",
+                 *[j.removeprefix("cascade, ").split(" (")[0] for j in judged], "oracle"],
                 [[d, r["pairs"], f"{r['q_student']:.5f}", f"{r['q_teacher']:.5f}",
-                  f"{r['q_student'] / r['q_teacher']:.1%}", f"{r['teacher_better']:.1%}", f"{r['mean_score']:.3f}",
-                  f"{r['escalated_at_30pct_threshold']:.1%}", f"{r['apgr']['cascade']:.3f}",
-                  f"{r['apgr']['oracle']:.3f}"]
+                  f"{r['q_student'] / r['q_teacher']:.1%}", f"{r['teacher_better']:.1%}",
+                  *[f"{r['apgr'][j]:.3f}" for j in judged], f"{r['apgr']['oracle']:.3f}"]
                  for d, r in per_domain.items()] +
                 [["all", n, f"{Qs:.5f}", f"{Qt:.5f}", f"{Qs / Qt:.1%}", f"{np.mean(q_teacher > q_student):.1%}",
-                  f"{np.mean(scores):.3f}", f"{np.mean(scores < threshold_30):.1%}",
-                  f"{summary['cascade']['apgr']:.3f}", f"{summary['oracle']['apgr']:.3f}"]])
+                  *[f"{summary[j]['apgr']:.3f}" for j in judged], f"{summary['oracle']['apgr']:.3f}"]])
 
     from scipy.stats import spearmanr
 
-    # Spearman rank correlations that explain the cascade's curve: a useful judge ranks the gain negatively
-    rho = float(spearmanr(scores, q_teacher - q_student).statistic)
-    rho_q = float(spearmanr(scores, q_student).statistic)
-    rho_log = float(spearmanr(scores, np.log(q_teacher) - np.log(q_student)).statistic)
-    rho_gain_q = float(spearmanr(q_student, q_teacher - q_student).statistic)
-    top = np.sort(q_teacher - q_student)[::-1]
-    print(f"Spearman: judge score vs gain q_t - q_s {rho:+.3f} (useful judge: negative), vs loss gap L_s - L_t "
-          f"{rho_log:+.3f}, vs the cheap model's quality {rho_q:+.3f}; the cheap model's quality vs gain "
-          f"{rho_gain_q:+.3f}; the largest 5% of gains are {top[:max(1, n // 20)].sum() / top[top > 0].sum():.0%} of "
-          "all positive gain")
-    print(f"cascade threshold for 30% teacher calls on these requests: {threshold_30:.4f} "
+    # Spearman rank correlations that explain the curves: a useful judge ranks the gain negatively
+    gain = q_teacher - q_student
+    rho = {j: float(spearmanr(s, gain, nan_policy="omit").statistic) for j, s in scores.items()}
+    rho_q = float(spearmanr(scores[serving], q_student).statistic)
+    rho_log = float(spearmanr(scores[serving], np.log(q_teacher) - np.log(q_student)).statistic)
+    rho_gain_q = float(spearmanr(q_student, gain).statistic)
+    top = np.sort(gain)[::-1]
+    print("Spearman, judge score vs gain q_t - q_s (useful judge: negative): "
+          + ", ".join(f"{j.split(' (')[0]} {r:+.3f}" for j, r in rho.items()))
+    print(f"{serving}: vs loss gap L_s - L_t {rho_log:+.3f}, vs the cheap model's quality {rho_q:+.3f}; the cheap "
+          f"model's quality vs gain {rho_gain_q:+.3f}; the largest 5% of gains are "
+          f"{top[:max(1, n // 20)].sum() / top[top > 0].sum():.0%} of all positive gain")
+    print(f"{serving} threshold for 30% teacher calls on these requests: {threshold_30:.4f} "
           "(policies.calibrate_threshold)")
-    casc = summary["cascade"]
-    share = casc["share_q95_teacher"]
-    goals = {f"cascade APGR >= {GOAL_APGR}": casc["apgr"] >= GOAL_APGR,
-             f">= {GOAL_QUALITY:.0%} of the teacher's quality at <= {GOAL_SHARE:.0%} teacher calls":
-                 share is not None and share <= GOAL_SHARE}
-    for goal, ok in goals.items():
-        print(f"  {'met ' if ok else 'MISS'}  {goal}")
+    goals = {}
+    for j in judged:
+        casc = summary[j]
+        share = casc["share_q95_teacher"]
+        goals[j] = {f"APGR >= {GOAL_APGR}": casc["apgr"] >= GOAL_APGR,
+                    f">= {GOAL_QUALITY:.0%} of the teacher's quality at <= {GOAL_SHARE:.0%} teacher calls":
+                        share is not None and share <= GOAL_SHARE}
+        for goal, ok in goals[j].items():
+            print(f"  {'met ' if ok else 'MISS'}  {j}: {goal}")
+
+    written = None
+    if args.write_judge:
+        from serve_deployments.policies import fit_gain_judge
+
+        judge = fit_gain_judge(answers, q_student, q_teacher)
+        learned_all = np.array([Cascade("s", "t", "learned", gain_judge=judge).score(a) for a in answers])
+        written = Path(args.write_judge)
+        written.parent.mkdir(parents=True, exist_ok=True)
+        written.write_text(json.dumps({
+            "judge": judge.to_dict(), "student": cheap_label, "teacher": args.teacher, "data": str(data_dir),
+            "threshold_for_30pct": calibrate_threshold(learned_all.tolist(), GOAL_SHARE),
+            "cross_fitted_apgr": summary[f"cascade, {learned_label}"]["apgr"], "date": time.strftime("%Y-%m-%d"),
+        }, indent=1))
+        weights = ", ".join(f"{f} {w:+.3g}" for f, w in zip(judge.features, judge.weights))
+        print(f"learned judge fitted on all {n} requests (gain per standard deviation: {weights}) "
+              f"written to {written}; use it as a cascade's judge_model")
 
     results = REPO / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -366,14 +442,16 @@ def run(args: argparse.Namespace) -> int:
                   for name, a in cheap.items()},
         "pairs": {d: len(w) for d, w in windows.items()}, "q_student": Qs, "q_teacher": Qt,
         "routers": summary, "per_domain": per_domain, "goals": goals,
-        "spearman": {"score_vs_gain": rho, "score_vs_loss_gap": rho_log, "score_vs_student_quality": rho_q,
-                     "student_quality_vs_gain": rho_gain_q},
+        "spearman": {"score_vs_gain": rho, "serving_score_vs_loss_gap": rho_log,
+                     "serving_score_vs_student_quality": rho_q, "student_quality_vs_gain": rho_gain_q},
         "threshold_for_30pct": threshold_30, "measure_s": round(measure_s, 1),
+        "written_judge": str(written) if written else None,
         "curves": {label: [[_r(p), _r(q)] for p, q in c] for label, c in curves.items()},
         "cascade_thresholds": [_r(t) if math.isfinite(t) else str(t) for t in thresholds],
         "requests": {"domain": domain_of.tolist(), "cheap_model": route.tolist(),
                      "q_student": [_r(x) for x in q_student], "q_teacher": [_r(x) for x in q_teacher],
-                     "judge_score": [_r(x) for x in scores]},
+                     "judge_scores": {j: [_r(x) for x in s] for j, s in scores.items()},
+                     "prompt_logprob": [a.get("prompt_logprob") for a in answers]},
     }
     path.write_text(json.dumps(body, indent=1))
     print(f"measured in {measure_s:.0f} s; wrote {path}")
@@ -396,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32, help="requests per forward")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--folds", type=int, default=5, help="cross-fitting folds of the learned judge")
+    ap.add_argument("--write-judge", metavar="PATH", help="also fit the learned judge on all requests and write it "
+                    "(JSON) for a cascade's judge_model")
     ap.add_argument("--quick", action="store_true", help="smoke run: 24 pairs per domain")
     args = ap.parse_args(argv)
     if args.quick:
@@ -403,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for field in ("pairs", "prompt_tokens", "continuation_tokens", "random_seeds", "batch", "threads"):
         if getattr(args, field) < 1:
             ap.error(f"--{field.replace('_', '-')} must be >= 1")
+    if args.folds < 2:
+        ap.error("--folds must be >= 2 (each fold is judged by a fit on the others)")
 
     from app.errors import UserError
 
