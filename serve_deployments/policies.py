@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Collection, Iterable, Literal, Sequence, Union
+from typing import Annotated, Any, Collection, Iterable, Literal, Sequence, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -248,7 +248,8 @@ class DomainRoute(Policy):
 
 
 JUDGES = ("self_logprob", "self_entropy", "teacher", "learned")
-GAIN_FEATURES = ("mean_logprob", "mean_entropy", "prompt_logprob")  # of the student's answer (LMServer.generate)
+GainFeature = Literal["mean_logprob", "mean_entropy", "prompt_logprob"]  # of the student's answer (LMServer.generate)
+GAIN_FEATURES: tuple[str, ...] = get_args(GainFeature)
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,7 @@ def fit_gain_judge(answers: Sequence[dict], q_student: Sequence[float], q_teache
         raise ConfigError(f"fit_gain_judge: {n} judged requests are too few to fit on; give at least 10")
     x = np.array([[a.get(f) if a.get(f) is not None else np.nan for f in features] for a in answers], dtype=float)
     x[~np.isfinite(x)] = np.nan
-    mean = np.where(np.isnan(x).all(axis=0), 0.0, np.nanmean(np.where(np.isnan(x).all(axis=0), 0.0, x), axis=0))
+    mean = np.nanmean(np.where(np.isnan(x).all(axis=0), 0.0, x), axis=0)  # a feature no answer has: 0
     x = np.where(np.isnan(x), mean, x)
     scale = x.std(axis=0)
     scale = np.where(scale > 0, scale, 1.0)
@@ -595,7 +596,7 @@ class CascadeSpec(_Spec):
 
 
 class GainJudgeSpec(_Spec):
-    features: list[Literal["mean_logprob", "mean_entropy", "prompt_logprob"]] = Field(min_length=1)
+    features: list[GainFeature] = Field(min_length=1)
     mean: list[float]
     scale: list[float]
     weights: list[float]
