@@ -188,6 +188,7 @@ def teacher_judge_logprobs(model, prompts: np.ndarray, answers: list[dict], pad_
 
     out = np.full(len(answers), np.nan)
     rows = [i for i, a in enumerate(answers) if a["token_ids"]]
+    bar.advance(len(answers) - len(rows))  # empty answers: nothing to score
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         items = [(prompts[i].tolist() + answers[i]["token_ids"], len(prompts[i])) for i in chunk]
