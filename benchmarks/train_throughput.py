@@ -82,6 +82,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="run only these layout labels (plus the bare baseline)")
     parser.add_argument("--bare-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1 or args.steps <= args.warmup + 2:
+        parser.error("--rounds must be >= 1 and --steps at least --warmup + 3 (periods need two steady steps)")
 
     from app.config import load_config
 
@@ -149,8 +151,8 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train_throughput.json").write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} CPUs",
-        "preset": args.preset, "steps": args.steps, "rounds": args.rounds, "peak_flops_1_thread": peak_1t, "peak_flops_2_threads": peak_2t,
-        "results": results}, indent=2))
+        "preset": args.preset, "steps": args.steps, "rounds": args.rounds, "peak_flops_1_thread": peak_1t,
+        "peak_flops_2_threads": peak_2t, "results": results}, indent=2))
     return 0
 
 
