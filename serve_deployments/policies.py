@@ -580,7 +580,8 @@ class CascadeSpec(_Spec):
     teacher: str = Field(description="Model that answers when the judge's score is below threshold.")
     judge: Literal["self_logprob", "self_entropy", "teacher", "learned"] = "self_logprob"
     threshold: float = Field(-3.0, description="Escalate when the judge's score is below this (log-prob units; "
-                             "for 'learned', minus the predicted gain).")
+                             "for 'learned', minus the predicted gain; default: the judge file's "
+                             "threshold_for_30pct).")
     judge_model: "GainJudgeSpec | str | None" = Field(
         None, description="The 'learned' judge's fit: the JSON `benchmarks/router_quality.py --write-judge` writes "
         "(inline, or the path of its file).")
@@ -680,22 +681,25 @@ def parse_spec(raw: Any) -> Node:
                           ) from None
 
 
-def _gain_judge(spec: "GainJudgeSpec | str | None", path: str) -> GainJudge | None:
-    """The learned judge of a cascade spec: inline, or read from the JSON file a path names."""
+def _gain_judge(spec: "GainJudgeSpec | str | None", path: str) -> tuple[GainJudge | None, float | None]:
+    """The learned judge of a cascade spec — inline, or read from the JSON file a path names — and the file's
+    `threshold_for_30pct`, if it has one."""
     import json
 
     if spec is None or isinstance(spec, GainJudgeSpec):
-        return spec.judge() if spec else None
+        return (spec.judge() if spec else None), None
     try:
         raw = json.loads(Path(spec).read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"router {path}: cannot read a gain judge from '{spec}' ({err}); give the JSON file "
                           "`benchmarks/router_quality.py --write-judge` wrote") from None
     try:
-        return GainJudgeSpec.model_validate(raw.get("judge", raw) if isinstance(raw, dict) else raw).judge()
+        judge = GainJudgeSpec.model_validate(raw.get("judge", raw) if isinstance(raw, dict) else raw).judge()
     except ValidationError as err:
         first = err.errors()[0]
         raise ConfigError(f"router {path} ({spec}): {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    threshold = raw.get("threshold_for_30pct") if isinstance(raw, dict) and "judge" in raw else None
+    return judge, (float(threshold) if isinstance(threshold, (int, float)) and math.isfinite(threshold) else None)
 
 
 def build_policy(raw: Any, models: Collection[str], classifiers: dict[str, DomainClassifier] | None = None) -> Policy:
@@ -723,8 +727,11 @@ def build_policy(raw: Any, models: Collection[str], classifiers: dict[str, Domai
             routes = {d: build(r, f"{path}.routes.{d}") for d, r in node.routes.items()}
             return DomainRoute(clf, routes, build(node.default, f"{path}.default"))
         if isinstance(node, CascadeSpec):
+            gain_judge, file_threshold = _gain_judge(node.judge_model, f"{path}.judge_model")
+            # a judge file's own threshold (30 % escalation on the traffic it was fitted on) unless one is given
+            explicit = "threshold" in node.model_fields_set or file_threshold is None
             return Cascade(model(node.student, f"{path}.student"), model(node.teacher, f"{path}.teacher"),
-                           node.judge, node.threshold, _gain_judge(node.judge_model, f"{path}.judge_model"))
+                           node.judge, node.threshold if explicit else file_threshold, gain_judge)
         if isinstance(node, SplitSpec):
             bad = {a: w for a, w in node.weights.items() if not w > 0}
             if bad:

@@ -115,8 +115,12 @@ def test_learned_judge_fits_the_gain_and_escalates_where_the_teacher_gains_most(
     path.write_text(json.dumps({"judge": judge.to_dict(), "threshold_for_30pct": -0.05}))
     for model in (str(path), judge.to_dict()):
         built = build_policy({"kind": "cascade", "student": "code", "teacher": "teacher", "judge": "learned",
-                              "judge_model": model, "threshold": -0.05}, MODELS)
-        assert built.gain_judge == judge
+                              "judge_model": model, "threshold": -0.07}, MODELS)
+        assert built.gain_judge == judge and built.threshold == -0.07
+    # without a threshold of its own, the cascade takes the file's (30 % escalation where it was fitted)
+    spec = {"kind": "cascade", "student": "code", "teacher": "teacher", "judge": "learned", "judge_model": str(path)}
+    assert build_policy(spec, MODELS).threshold == -0.05
+    assert build_policy({**spec, "judge_model": judge.to_dict()}, MODELS).threshold == -3.0  # inline: the default
     with pytest.raises(ConfigError, match="too few"):
         fit_gain_judge(answers[:5], q_s[:5], q_t[:5])
     with pytest.raises(ConfigError, match="unknown"):
