@@ -247,7 +247,8 @@ class DomainRoute(Policy):
         return {"domain_counts": dict(self.counts)}
 
 
-JUDGES = ("self_logprob", "self_entropy", "teacher", "learned")
+JudgeName = Literal["self_logprob", "self_entropy", "teacher", "learned"]
+JUDGES: tuple[str, ...] = get_args(JudgeName)
 GainFeature = Literal["mean_logprob", "mean_entropy", "prompt_logprob"]  # of the student's answer (LMServer.generate)
 GAIN_FEATURES: tuple[str, ...] = get_args(GainFeature)
 
@@ -578,7 +579,7 @@ class CascadeSpec(_Spec):
     kind: Literal["cascade"]
     student: str = Field(description="Model that answers first.")
     teacher: str = Field(description="Model that answers when the judge's score is below threshold.")
-    judge: Literal["self_logprob", "self_entropy", "teacher", "learned"] = "self_logprob"
+    judge: JudgeName = "self_logprob"
     threshold: float = Field(-3.0, description="Escalate when the judge's score is below this (log-prob units; "
                              "for 'learned', minus the predicted gain; default: the judge file's "
                              "threshold_for_30pct).")
