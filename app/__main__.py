@@ -474,6 +474,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="HTTP bind address (default 127.0.0.1; anything else requires API keys)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--num-cpus", type=int, help="CPUs for embedded Ray (default: all)")
+    p.add_argument("--ingress", choices=("proxy", "direct"), default="proxy",
+                   help="who listens on --port: Serve's HTTP proxy (default) or the router replica itself (direct: "
+                        "one hop fewer per request; Ray's direct-ingress flag, set for the Ray started here)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -486,7 +489,7 @@ def _serve(args: argparse.Namespace) -> int:
     from serve_deployments.guard import is_loopback
 
     serve_args = load_serve_args(args.config, args.models, args.host, args.port)
-    client = sdk.deploy(serve_args, num_cpus=args.num_cpus)
+    client = sdk.deploy(serve_args, num_cpus=args.num_cpus, ingress=args.ingress)
 
     def stop(signum, frame):  # SIGTERM (`kill`, `ray job stop`, a container stop) shuts down like Ctrl-C
         raise KeyboardInterrupt

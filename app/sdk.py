@@ -333,20 +333,24 @@ def models(registry: str | None = None):
 
 
 def deploy(config=None, *, models=None, host: str | None = None, port: int | None = None,
-           num_cpus: int | None = None, wait_s: float = 120.0):
+           num_cpus: int | None = None, wait_s: float = 120.0, ingress: str = "proxy"):
     """Serve models behind the router on embedded Ray (or the cluster at RAY_ADDRESS) and return a `ServeClient`
     (`.base_url`, `.complete(prompt, **kw)`, `.chat(messages, **kw)`, `.models()`, `.shutdown()`).
 
     `config`: a YAML file (serve_deployments/serve_config.yaml or plain ServeArgs fields), a dict or a ServeArgs;
     `models`: {name: artifact folder or registry name} (or NAME=ARTIFACT strings) added on top. HTTP listens on
-    `host` (default 127.0.0.1; anything else requires API keys) and `port` (default 8000)."""
+    `host` (default 127.0.0.1; anything else requires API keys) and `port` (default 8000): Serve's HTTP proxy
+    (`ingress="proxy"`), or the router replica itself (`ingress="direct"`, one hop fewer; Ray started here gets
+    the flags, a running cluster must have them: serve_deployments.app.direct_ingress_env)."""
     import os
 
     import ray
 
+    from pipelines.ray_session import environ
     from serve_deployments import app as serving
 
     args = serving.load_serve_args(config, models, host, port)
+    serving.check_ingress(ingress)
     application = serving.build_app(args)  # config and artifact mistakes fail here, before Ray starts
     started = not ray.is_initialized()
     if started:
@@ -354,10 +358,12 @@ def deploy(config=None, *, models=None, host: str | None = None, port: int | Non
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"])
         else:
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                     log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
+            flags = serving.direct_ingress_env(args.port) if ingress == "direct" else {}
+            with environ(flags):  # inherited by the raylet and so by every Serve actor; not kept in this process
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                         log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
     try:
-        client = serving.start(args, application, wait_s=wait_s)
+        client = serving.start(args, application, wait_s=wait_s, ingress=ingress)
     except BaseException:
         if started:
             ray.shutdown()

@@ -3,12 +3,16 @@
     python benchmarks/serve_load.py [--quick] [--teacher ART] [--student ART] [--max-tokens 32]
 
 One Serve application holds the teacher twice (dynamic batching up to 32 requests, and batching off:
-max_batch_size 1), the int8 student, and the router. Every configuration gets the same prompts in the same
-order, from a closed loop of `concurrency` clients on 127.0.0.1; each request is greedy, at most --max-tokens
-tokens, and distinct (the router's cache is off), so every one reaches a model. Compared:
+max_batch_size 1), the int8 student, and the router; Ray runs with direct ingress on, so the router answers HTTP
+both behind Serve's proxy (on one port) and by itself (on another). Every configuration gets the same prompts in
+the same order, from a closed loop of `concurrency` clients on 127.0.0.1; each request is greedy, at most
+--max-tokens tokens, and distinct (the router's cache is off), so every one reaches a model. Compared:
 
-  (a) the teacher through a DeploymentHandle vs over HTTP through the router (proxy + router + handle);
-      goal: router overhead <= 2 ms at p50;
+  (a) the teacher through a DeploymentHandle vs over HTTP through the router, via Serve's proxy and direct;
+      goal: router overhead <= 2 ms at p50. Besides the closed loops, one client sends --paired prompts each
+      three ways in turn (handle, proxy, direct; order rotating), and the overhead is the median of the per-prompt
+      differences, split by the router's Server-Timing header into the router's own code and the transport
+      (HTTP, proxy and actor hops) — generation jitter cancels out of the pairs;
   (b) batching on vs off, both through handles; goal: >= 4x throughput at concurrency 32;
   (c) the fp32 teacher vs the int8 student, both through handles.
 
@@ -74,6 +78,40 @@ async def closed_loop(send, texts: list[str], concurrency: int) -> dict:
             "req_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall, "wall_s": wall}
 
 
+def router_ms(server_timing: str) -> float:
+    """The router's own milliseconds from `Server-Timing: router;dur=1.20, model;dur=35.00`."""
+    parts = dict(p.strip().split(";dur=") for p in server_timing.split(","))
+    return float(parts["router"])
+
+
+async def paired_overhead(handle_send, post, texts: list[str], tick) -> dict:
+    """One client; each prompt through the handle, the proxy and direct, in an order rotating per prompt (so no
+    path always goes first). Per path: the median and quartiles of (path − handle) latency per prompt, the
+    router's own median time, and the rest of the median overhead as transport."""
+    import numpy as np
+
+    lat: dict[str, list[float]] = {"handle": [], "proxy": [], "direct": []}
+    own: dict[str, list[float]] = {"proxy": [], "direct": []}
+    order = list(lat)
+    for i, text in enumerate(texts):
+        for path in order[i % 3:] + order[:i % 3]:
+            t0 = time.perf_counter()
+            if path == "handle":
+                await handle_send(text)
+            else:
+                own[path].append((await post(path, text))[1])
+            lat[path].append(1e3 * (time.perf_counter() - t0))
+        tick()
+    out = {}
+    for path in ("proxy", "direct"):
+        diff = np.array(lat[path]) - np.array(lat["handle"])
+        overhead, mine = float(np.median(diff)), float(np.median(own[path]))
+        out[path] = {"overhead_ms": overhead, "iqr_ms": [float(q) for q in np.percentile(diff, [25, 75])],
+                     "router_ms": mine, "transport_ms": overhead - mine,
+                     "p50_ms": float(np.median(lat[path])), "handle_p50_ms": float(np.median(lat["handle"]))}
+    return {"n": len(texts), "paths": out}
+
+
 def default_teacher() -> str:
     """The registry's `demo` model, else the newest runs/*/artifact."""
     from app.registry import Registry
@@ -115,16 +153,19 @@ def main() -> int:
     parser.add_argument("--teacher", help="artifact folder or registry name (default: newest runs/*/artifact)")
     parser.add_argument("--student", help="int8 artifact or registry name (default: quantize the teacher here)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    parser.add_argument("--paired", type=int, default=300, help="prompts in the paired overhead run (default 300)")
     parser.add_argument("--quick", action="store_true", help="a few requests per level (smoke run)")
     args = parser.parse_args()
+    if args.max_tokens < 1 or args.paired < 10:
+        parser.error("--max-tokens must be >= 1 and --paired >= 10")
 
     import aiohttp
     import ray
     from ray import serve
 
     from app.console import print_table, progress_bar
-    from pipelines.ray_session import free_port
-    from serve_deployments.app import APP_NAME, build_app
+    from pipelines.ray_session import environ, free_port
+    from serve_deployments.app import APP_NAME, build_app, direct_ingress_env
 
     teacher = args.teacher or default_teacher()
     tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
@@ -135,16 +176,18 @@ def main() -> int:
     if student:
         models.append({"name": "student-int8", "artifact": student, "max_batch_size": 32,
                        "ray_actor_options": quarter})
-    port = free_port()
+    port, direct_port = free_port(), free_port()
     serve_args = {"models": models, "port": port, "router_ray_actor_options": quarter,
                   "router": {"cache": {"exact": {"enabled": False}}, "guard": {"rate_per_s": 0}}}
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with environ(direct_ingress_env(direct_port)):
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(serve_args), name=APP_NAME, route_prefix="/")
     handles = {m["name"]: serve.get_deployment_handle(m["name"], app_name=APP_NAME) for m in models}
     infos = {name: h.info.remote().result() for name, h in handles.items()}
-    url = f"http://127.0.0.1:{port}/v1/completions"
+    urls = {"proxy": f"http://127.0.0.1:{port}/v1/completions",
+            "direct": f"http://127.0.0.1:{direct_port}/v1/completions"}
     params = {"max_tokens": args.max_tokens, "temperature": 0}
 
     def via_handle(name: str):
@@ -152,35 +195,43 @@ def main() -> int:
             return (await handles[name].generate.remote({"prompt": text, **params}))["completion_tokens"]
         return send
 
-    configs = [("teacher, handle", via_handle("teacher")), ("teacher, router (HTTP)", None),
-               ("teacher, batching off", via_handle("teacher-nobatch"))]
+    configs = [("teacher, handle", via_handle("teacher")), ("teacher, router (proxy)", "proxy"),
+               ("teacher, router (direct)", "direct"), ("teacher, batching off", via_handle("teacher-nobatch"))]
     if student:
         configs.append(("student int8, handle", via_handle("student-int8")))
 
-    async def run_all() -> dict:
+    async def run_all() -> tuple[dict, dict]:
         results: dict[str, dict[int, dict]] = {}
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
-            async def via_router(text: str) -> int:
-                async with http.post(url, json={"model": "teacher", "prompt": text, **params}) as resp:
+            async def post(path: str, text: str) -> tuple[int, float]:
+                """(completion tokens, the router's own ms from its Server-Timing header)."""
+                async with http.post(urls[path], json={"model": "teacher", "prompt": text, **params}) as resp:
                     body = await resp.json()
                     if resp.status != 200:
-                        raise RuntimeError(f"router answered {resp.status}: {body}")
-                    return body["usage"]["completion_tokens"]
+                        raise RuntimeError(f"router ({path}) answered {resp.status}: {body}")
+                    return body["usage"]["completion_tokens"], router_ms(resp.headers["server-timing"])
 
-            total = len(configs) * len(LEVELS)
-            with progress_bar("serve load", total) as bar:
-                for label, send in configs:
-                    send = send or via_router
+            def via_router(path: str):
+                async def send(text: str) -> int:
+                    return (await post(path, text))[0]
+                return send
+
+            sends = [(label, via_router(send) if isinstance(send, str) else send) for label, send in configs]
+            paired_n = 30 if args.quick else args.paired
+            with progress_bar("serve load", len(sends) * len(LEVELS) + paired_n) as bar:
+                for label, send in sends:
                     await closed_loop(send, prompts(8), 4)  # warm-up: first batches, connections, code paths
                     for c in LEVELS:
                         bar.update(status=f"{label} @ {c}")
                         n = requests_per_level(c, args.quick)
                         results.setdefault(label, {})[c] = await closed_loop(send, prompts(n), c)
                         bar.advance()
-        return results
+                bar.update(status="paired overhead")
+                paired = await paired_overhead(via_handle("teacher"), post, prompts(paired_n), bar.advance)
+        return results, paired
 
     try:
-        results = asyncio.run(run_all())
+        results, paired = asyncio.run(run_all())
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -191,21 +242,29 @@ def main() -> int:
     print_table(f"serve load: {args.max_tokens} tokens/request, greedy, loopback",
                 ["configuration", "clients", "requests", "p50 ms", "p99 ms", "req/s", "tokens/s"], rows)
 
-    t, r, off = results["teacher, handle"], results["teacher, router (HTTP)"], results["teacher, batching off"]
+    t, r, off = results["teacher, handle"], results["teacher, router (proxy)"], results["teacher, batching off"]
+    d = results["teacher, router (direct)"]
     s = results.get("student int8, handle")
     ratios = {c: {"router_overhead_p50_ms": r[c]["p50_ms"] - t[c]["p50_ms"],
+                  "router_direct_overhead_p50_ms": d[c]["p50_ms"] - t[c]["p50_ms"],
                   "batching_speedup": t[c]["req_per_s"] / off[c]["req_per_s"],
                   **({"student_vs_teacher_throughput": s[c]["req_per_s"] / t[c]["req_per_s"],
                       "student_vs_teacher_p50": s[c]["p50_ms"] / t[c]["p50_ms"]} if s else {})}
               for c in LEVELS}
-    ratio_rows = [(c, f"{x['router_overhead_p50_ms']:+.1f}", f"{x['batching_speedup']:.2f}x",
+    ratio_rows = [(c, f"{x['router_overhead_p50_ms']:+.1f}", f"{x['router_direct_overhead_p50_ms']:+.1f}",
+                   f"{x['batching_speedup']:.2f}x",
                    f"{x['student_vs_teacher_throughput']:.2f}x" if s else "skipped",
                    f"{x['student_vs_teacher_p50']:.2f}x" if s else "skipped") for c, x in ratios.items()]
-    print_table("side by side (same run)", ["clients", "router overhead p50 ms", "batching on/off req/s",
-                                            "int8/fp32 req/s", "int8/fp32 p50"], ratio_rows)
-    overhead, speedup = ratios[1]["router_overhead_p50_ms"], ratios[32]["batching_speedup"]
-    print(f"goal (a) router overhead <= 2 ms p50 at 1 client: {overhead:+.1f} ms -> "
-          f"{'met' if overhead <= 2 else 'NOT met'}")
+    print_table("side by side (same run)", ["clients", "router overhead p50 ms: proxy", "direct",
+                                            "batching on/off req/s", "int8/fp32 req/s", "int8/fp32 p50"], ratio_rows)
+    print_table(f"router overhead, paired: {paired['n']} prompts each sent three ways by one client (ms)",
+                ["path", "p50 overhead", "IQR", "router's own code", "transport"],
+                [(path, f"{x['overhead_ms']:+.2f}", f"{x['iqr_ms'][0]:+.1f} .. {x['iqr_ms'][1]:+.1f}",
+                  f"{x['router_ms']:.2f}", f"{x['transport_ms']:+.2f}") for path, x in paired["paths"].items()])
+    speedup = ratios[32]["batching_speedup"]
+    for path, x in paired["paths"].items():
+        print(f"goal (a) router overhead <= 2 ms p50, {path}: {x['overhead_ms']:+.2f} ms -> "
+              f"{'met' if x['overhead_ms'] <= 2 else 'NOT met'}")
     print(f"goal (b) batching >= 4x throughput at 32 clients: {speedup:.2f}x -> {'met' if speedup >= 4 else 'NOT met'}")
     if not s:
         print("(c) skipped: no --student and app.quantize is not available to make one")
@@ -221,7 +280,7 @@ def main() -> int:
         "models": {k: {f: v.get(f) for f in ("parameters", "seq_len", "quantization", "max_batch_size",
                                              "torch_threads")} for k, v in infos.items()},
         "results": {label: {str(c): r for c, r in by_c.items()} for label, by_c in results.items()},
-        "ratios": {str(c): x for c, x in ratios.items()}}, indent=2))
+        "ratios": {str(c): x for c, x in ratios.items()}, "paired_overhead": paired}, indent=2))
     print(f"wrote {out.relative_to(REPO)}")
     return 0
 

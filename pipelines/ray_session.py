@@ -23,6 +23,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def environ(updates: dict[str, str]) -> Iterator[None]:
+    """`updates` in os.environ for the block (a Ray started inside inherits them), the old values after."""
+    saved = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def ray_session(num_cpus: int | None = None, **init_kwargs) -> Iterator[bool]:
     """Use Ray for the duration of the block; yields True when this block started (and will stop) Ray.
 

@@ -128,8 +128,24 @@ def build_app(args: ServeArgs | dict):
             name=m.name, ray_actor_options=m.ray_actor_options,
             max_ongoing_requests=m.max_ongoing_requests or 4 * m.max_batch_size, **scaling,
         ).bind(resolve_artifact(m.artifact), m.name, m.settings())
-    options = {} if args.router_ray_actor_options is None else {"ray_actor_options": args.router_ray_actor_options}
-    return Router.options(**options).bind(models, router)
+    return Router.options(ray_actor_options=router_actor_options(args.router_ray_actor_options)).bind(models, router)
+
+
+# The router's code never blocks (it awaits model handles), so its replica runs it on the replica's own event
+# loop, and its handle calls too, instead of handing each request to a second thread and loop (Ray Serve's
+# defaults, safe for code that blocks). One cross-thread handoff fewer each way: about 0.6 ms of the router's
+# overhead at one client in benchmarks/serve_load.py. Serve reads these when the replica process starts.
+ROUTER_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+def router_actor_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """The router replica's ray_actor_options: `options` (Serve's default 1 CPU when they name none) with
+    ROUTER_ENV under runtime_env.env_vars; env vars of the caller's own win."""
+    out = dict(options or {})
+    runtime_env = dict(out.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**ROUTER_ENV, **(runtime_env.get("env_vars") or {})}
+    out["runtime_env"] = runtime_env
+    return out
 
 
 # ---- config files: ServeArgs YAML, or Serve's own config (serve_config.yaml) ---------------------------------
@@ -189,13 +205,42 @@ def _name_artifact(text: str) -> tuple[str, str]:
 # ---- start-up and the client ---------------------------------------------------------------------------------
 
 
-def start(args: ServeArgs, application=None, *, wait_s: float = 120.0) -> ServeClient:
-    """Run `application` (default build_app(args)) on the connected Ray, HTTP on args.host:args.port, and wait
-    until /healthz answers."""
+INGRESS = ("proxy", "direct")
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Environment that turns on Ray Serve's direct ingress (a feature flag in Ray 2.60) for the Ray it starts.
+
+    The router replica then serves HTTP itself on `port` (a second replica on port+1, ...) instead of behind
+    Serve's proxy actor: one actor hop fewer per request (benchmarks/serve_load.py measures both). The controller
+    and replicas read these when they start, so they belong in the environment of `ray start` (or of the process
+    whose ray.init starts Ray), on every node. No draining wait on shutdown: there is no outer load balancer to
+    deregister from here; behind one, raise RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(min(port + 64, 65535)),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+
+
+def check_ingress(ingress: str) -> None:
+    if ingress not in INGRESS:
+        raise ConfigError(f"ingress: expected one of {', '.join(INGRESS)}, got {ingress!r}")
+
+
+def start(args: ServeArgs, application=None, *, wait_s: float = 120.0, ingress: str = "proxy") -> ServeClient:
+    """Run `application` (default build_app(args)) on the connected Ray and wait until /healthz answers on
+    args.host:args.port. `ingress="proxy"`: Serve's HTTP proxy listens there (Serve's default). `"direct"`: the
+    router replica itself does — Ray must have been started with `direct_ingress_env(args.port)` — and the proxy
+    moves to a free port."""
     from ray import serve
 
+    from pipelines.ray_session import free_port
+
+    check_ingress(ingress)
+    if ingress == "direct" and not _port_free(args.host, args.port):  # else the replica would take the next port
+        raise UserError(f"port {args.port}: already in use on {args.host}; pass a free --port for direct ingress")
     application = application or build_app(args)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": args.host, "port": args.port if ingress == "proxy" else free_port()})
     try:
         serve.run(application, name=APP_NAME, route_prefix="/")
     except RuntimeError as err:  # a replica failed to start (unloadable artifact, bad settings, ...)
@@ -203,8 +248,28 @@ def start(args: ServeArgs, application=None, *, wait_s: float = 120.0) -> ServeC
         reason = str(err).splitlines()[0][:300]
         raise UserError(f"serving did not start: {reason}; replica logs: /tmp/ray/session_latest/logs/serve/") from None
     client = ServeClient(f"http://{_client_host(args.host)}:{args.port}")
-    client.wait_ready(wait_s)
+    if ingress == "proxy":
+        client.wait_ready(wait_s)
+        return client
+    try:  # the replica is up, so its own server is too, unless Ray was started without the flags
+        client.wait_ready(min(wait_s, 15.0))
+    except UserError:
+        serve.shutdown()
+        raise UserError(f"ingress direct: nothing answers on port {args.port}; the Ray cluster must be started "
+                        f"with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT={args.port} "
+                        "in its environment (app.deploy does this when it starts Ray itself)") from None
     return client
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _client_host(bind_host: str) -> str:

@@ -5,7 +5,9 @@
 A request flows guard → cache → policy → model handle(s) → judge (cascade only) → cache fill → response. Every
 response says which model answered (`x-scalestack-model`), the route the policy took (`x-scalestack-route`),
 whether it came from the cache (`x-scalestack-cache`: miss, exact, semantic or off) and whether the cascade
-escalated (`x-scalestack-escalated`); the JSON body repeats them under `scalestack`.
+escalated (`x-scalestack-escalated`); the JSON body repeats them under `scalestack`. A complete (non-streamed)
+answer also carries `Server-Timing: router;dur=MS, model;dur=MS`: the time the request spent in the router's own
+code and the time it waited on model replicas.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /healthz, POST /v1/feedback,
 GET /v1/stats, and the admin endpoints GET|POST /v1/admin/policy and POST /v1/admin/calibrate, which always need
@@ -22,7 +24,7 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -258,6 +260,29 @@ def _headers(result: dict, rid: str) -> dict[str, str]:
             "x-scalestack-request-id": rid}
 
 
+class _Clock:
+    """Seconds a request spent waiting on model replicas; the rest of its time in the router is the router's own."""
+
+    __slots__ = ("model_s",)
+
+    def __init__(self) -> None:
+        self.model_s = 0.0
+
+    async def wait(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        from serve_deployments.lm_server import call_with_retry  # lazily: the module imports torch
+
+        t0 = time.perf_counter()
+        try:
+            return await call_with_retry(call)
+        finally:
+            self.model_s += time.perf_counter() - t0
+
+    def server_timing(self, start: float) -> str:
+        """The W3C Server-Timing header: `router;dur=MS, model;dur=MS` (browsers' devtools show it)."""
+        total = time.perf_counter() - start
+        return f"router;dur={1e3 * (total - self.model_s):.2f}, model;dur={1e3 * self.model_s:.2f}"
+
+
 def _in_ray() -> bool:
     import ray
 
@@ -448,11 +473,12 @@ class Router:
         params = {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
                   "top_k": body.top_k, "stop": stops, "seed": body.seed}
         timeout = self.settings.guard.request_timeout_s
+        clock = _Clock()
         try:
             if body.stream:
-                head = await asyncio.wait_for(self._route(prompt, body, params, rid, stream=True), timeout)
+                head = await asyncio.wait_for(self._route(prompt, body, params, rid, clock, stream=True), timeout)
                 return self._stream_response(head, rid, chat, start, prompt, params, body.model)
-            result = await asyncio.wait_for(self._route(prompt, body, params, rid, stream=False), timeout)
+            result = await asyncio.wait_for(self._route(prompt, body, params, rid, clock, stream=False), timeout)
         except asyncio.TimeoutError:
             self.metrics.error(504)
             return _error(504, f"no answer within router.guard.request_timeout_s={timeout:g} s; retry, or ask "
@@ -465,11 +491,14 @@ class Router:
             self.metrics.error(503)
             return _error(503, f"the model call failed ({type(err).__name__}); retry later", "model_unavailable")
         self._finish(result, prompt, start)
-        return _JSON(self._body(result, rid, chat), headers=_headers(result, rid))
+        body_out = self._body(result, rid, chat)
+        return _JSON(body_out, headers={**_headers(result, rid), "server-timing": clock.server_timing(start)})
 
-    async def _route(self, prompt: str, body: _Sampling, params: dict, rid: str, stream: bool) -> dict:
+    async def _route(self, prompt: str, body: _Sampling, params: dict, rid: str, clock: _Clock,
+                     stream: bool) -> dict:
         """Cache, policy, model call(s) and judge. Returns the answer and how it was reached; for a stream whose
-        answer is not known yet, `pending` holds the model and request to stream from."""
+        answer is not known yet, `pending` holds the model and request to stream from. Model calls go through
+        `clock`, which keeps the time spent waiting on them."""
         deterministic = is_deterministic(params)
         route_key = body.model if body.model != "auto" else f"auto#{self._policy_version}"
         ckey = exact_key(prompt, route_key, params)
@@ -480,7 +509,7 @@ class Router:
             if hit is not None:
                 return {**hit, "route": "cache", "cache": "exact", "escalated": False, "credit": []}
         if deterministic and sem_on:
-            vector = await self._embed(prompt)
+            vector = await self._embed(prompt, clock)
             hit = self.semantic.get(vector, params_key(route_key, params))
             if hit is not None:
                 self._maybe_verify(hit.value, prompt, params)
@@ -499,9 +528,9 @@ class Router:
         if stream and decision.cascade is None:
             out = {"pending": True}
         else:
-            out = await self._call(decision, req)
+            out = await self._call(decision, req, clock)
             if decision.cascade is not None:
-                out, escalated = await self._judge(decision, req, out)
+                out, escalated = await self._judge(decision, req, out, clock)
         if decision.shadow and decision.shadow != decision.model:
             self._spawn(self._shadow(decision.shadow, req, out if "text" in out else None))
         result = {**out, "model": out.get("model", decision.model), "route": decision.route,
@@ -512,13 +541,11 @@ class Router:
             result["model"] = decision.model
         return result
 
-    async def _call(self, decision: Decision, req: dict) -> dict:
+    async def _call(self, decision: Decision, req: dict, clock: _Clock) -> dict:
         """generate() on the chosen model; a canary arm's failure is recorded before the error propagates."""
-        from serve_deployments.lm_server import call_with_retry
-
         handle = self.models[decision.model]
         try:
-            out = await call_with_retry(lambda: handle.generate.remote(req))
+            out = await clock.wait(lambda: handle.generate.remote(req))
         except UserError:
             raise
         except Exception:
@@ -530,15 +557,13 @@ class Router:
             policy.outcome(arm, True, quality)
         return out
 
-    async def _judge(self, decision: Decision, req: dict, out: dict) -> tuple[dict, bool]:
+    async def _judge(self, decision: Decision, req: dict, out: dict, clock: _Clock) -> tuple[dict, bool]:
         """Score the student's answer; below the threshold the teacher answers instead."""
-        from serve_deployments.lm_server import call_with_retry
-
         cascade = decision.cascade
         teacher_lp = None
         if cascade.judge == "teacher":
             if out["text"]:
-                scored = await call_with_retry(lambda: self.models[cascade.teacher].score.remote(
+                scored = await clock.wait(lambda: self.models[cascade.teacher].score.remote(
                     {"prompt": req["prompt"], "continuation": out["text"]}))
                 teacher_lp = scored["mean_logprob"]
             else:
@@ -549,15 +574,13 @@ class Router:
             return out, False
         decision.reasons.append("escalated")
         decision.model = cascade.teacher
-        teacher_out = await call_with_retry(lambda: self.models[cascade.teacher].generate.remote(req))
+        teacher_out = await clock.wait(lambda: self.models[cascade.teacher].generate.remote(req))
         return teacher_out, True
 
-    async def _embed(self, prompt: str) -> list[float]:
+    async def _embed(self, prompt: str, clock: _Clock) -> list[float]:
         if self.settings.cache.semantic.embedder == "hashing":
             return self.hashing(prompt)
-        from serve_deployments.lm_server import call_with_retry
-
-        return await call_with_retry(lambda: self.models[self.embed_model].embed.remote({"text": prompt}))
+        return await clock.wait(lambda: self.models[self.embed_model].embed.remote({"text": prompt}))
 
     def _maybe_verify(self, cached: dict, prompt: str, params: dict) -> None:
         """For a sampled share of semantic hits, ask the model afresh and count a different answer as wrong."""

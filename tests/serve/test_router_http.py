@@ -81,6 +81,12 @@ def post(url: str, path: str, body, key: str | None = None, **kw) -> requests.Re
     return requests.post(url + path, json=body, headers=headers, timeout=60, **kw)
 
 
+def server_timing(response) -> dict[str, float]:
+    """{'router': ms, 'model': ms} from `Server-Timing: router;dur=1.20, model;dur=35.00`."""
+    parts = [p.strip().split(";dur=") for p in response.headers["server-timing"].split(",")]
+    return {name: float(ms) for name, ms in parts}
+
+
 def test_completion_routes_by_domain_with_headers_and_body(server):
     r = post(server, "/v1/completions", {"prompt": DOCS, **GREEDY})
     assert r.status_code == 200, r.text
@@ -107,6 +113,11 @@ def test_completion_routes_by_domain_with_headers_and_body(server):
     assert first.headers["x-scalestack-route"] == "explicit" and first.headers["x-scalestack-cache"] == "miss"
     assert again.headers["x-scalestack-cache"] == "exact"
     assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+    # Server-Timing splits the router's own time from the wait on model replicas: none for a cache hit
+    timing = server_timing(first)
+    assert timing["model"] > 0 and timing["router"] >= 0
+    assert timing["router"] + timing["model"] <= 1e3 * first.elapsed.total_seconds()
+    assert server_timing(again)["model"] == 0
     # sampled without a seed: never cached
     r = post(server, "/v1/completions", {"prompt": CODE, "model": "student", "max_tokens": 4, "temperature": 0.9})
     assert r.headers["x-scalestack-cache"] == "off"

@@ -14,7 +14,7 @@ import pytest
 
 from app.errors import ConfigError
 from pipelines.ray_session import free_port
-from serve_deployments.app import load_serve_args, parse_args
+from serve_deployments.app import ROUTER_ENV, load_serve_args, parse_args, router_actor_options
 from tests.serve.test_lm_server import alone, build_tiny_artifact
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,6 +43,17 @@ def test_bad_serve_args_are_one_line_config_errors(raw, message) -> None:
     with pytest.raises(ConfigError) as err:
         parse_args(raw)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_router_replica_runs_its_code_on_its_own_loop_unless_told_otherwise() -> None:
+    assert router_actor_options(None) == {"runtime_env": {"env_vars": ROUTER_ENV}}  # Serve adds its 1 CPU
+    mine = {"num_cpus": 0.5, "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
+                                                          "X": "y"}, "working_dir": "."}}
+    out = router_actor_options(mine)
+    assert out["num_cpus"] == 0.5 and out["runtime_env"]["working_dir"] == "."
+    assert out["runtime_env"]["env_vars"] == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1", "X": "y",
+                                              "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+    assert mine["runtime_env"]["env_vars"] == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1", "X": "y"}
 
 
 def test_model_flag_needs_name_and_artifact() -> None:
