@@ -20,7 +20,7 @@ import logging
 import math
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -279,35 +279,6 @@ def _right_padded(rows: list[list[int]], pad_id: int, model: GPT) -> torch.Tenso
     for i, r in enumerate(rows):
         idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     return idx
-
-
-# ---- retries when a replica dies mid-request -----------------------------------------------------------------
-
-
-def replica_died(err: BaseException) -> bool:
-    """Whether `err` means the replica serving the request died (or became unreachable), so the same request
-    sent again goes to a live replica."""
-    from ray.exceptions import RayActorError, RayTaskError
-
-    return isinstance(err, RayActorError) or (
-        isinstance(err, RayTaskError) and isinstance(getattr(err, "cause", None), RayActorError))
-
-
-async def call_with_retry(call: Callable[[], Awaitable[Any]], *, attempts: int = 3, backoff_s: float = 0.05) -> Any:
-    """Await `call()` (e.g. `lambda: handle.generate.remote(req)`), sending it again when its replica died.
-
-    Serve's handle stops routing to a dead replica, but a request already running there fails with
-    ActorDiedError; generate/score/embed/info have no side effects, so sending them again is safe. Streams are
-    not retried (tokens may already have reached the client).
-    """
-    for attempt in range(attempts):
-        try:
-            return await call()
-        except Exception as err:  # noqa: BLE001 - re-raised unless it is a replica death
-            if not replica_died(err) or attempt == attempts - 1:
-                raise
-            logger.warning("replica died during a request; retrying (%d/%d)", attempt + 1, attempts - 1)
-            await asyncio.sleep(backoff_s * 2**attempt)
 
 
 # ---- the deployment --------------------------------------------------------------------------------------------

@@ -260,6 +260,37 @@ def _headers(result: dict, rid: str) -> dict[str, str]:
             "x-scalestack-request-id": rid}
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Calling model replicas: retried when one dies mid-request, timed for Server-Timing. Nothing here imports torch:
+# the router's process never loads it (the first request used to pay ~1.3 s for `import torch`).
+
+
+def replica_died(err: BaseException) -> bool:
+    """Whether `err` means the replica serving the request died (or became unreachable), so the same request
+    sent again goes to a live replica."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    return isinstance(err, RayActorError) or (
+        isinstance(err, RayTaskError) and isinstance(getattr(err, "cause", None), RayActorError))
+
+
+async def call_with_retry(call: Callable[[], Awaitable[Any]], *, attempts: int = 3, backoff_s: float = 0.05) -> Any:
+    """Await `call()` (e.g. `lambda: handle.generate.remote(req)`), sending it again when its replica died.
+
+    Serve's handle stops routing to a dead replica, but a request already running there fails with
+    ActorDiedError; generate/score/embed/info have no side effects, so sending them again is safe. Streams are
+    not retried (tokens may already have reached the client).
+    """
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except Exception as err:  # noqa: BLE001 - re-raised unless it is a replica death
+            if not replica_died(err) or attempt == attempts - 1:
+                raise
+            logger.warning("replica died during a request; retrying (%d/%d)", attempt + 1, attempts - 1)
+            await asyncio.sleep(backoff_s * 2**attempt)
+
+
 class _Clock:
     """Seconds a request spent waiting on model replicas; the rest of its time in the router is the router's own."""
 
@@ -269,8 +300,6 @@ class _Clock:
         self.model_s = 0.0
 
     async def wait(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        from serve_deployments.lm_server import call_with_retry  # lazily: the module imports torch
-
         t0 = time.perf_counter()
         try:
             return await call_with_retry(call)

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, Phase, settings
 from pipelines.ray_session import free_port
 from serve_deployments.router import app as router_app
 
-KEY, FLOOD_KEY = "sk-test-main", "sk-test-flood"
+KEY, FLOOD_KEY, CACHE_KEY = "sk-test-main", "sk-test-flood", "sk-test-cache"  # one rate-limit bucket each
 CODE = "import os\nfor name in os.listdir(path):\n    print(name)\n"
 DOCS = "The import statement finds a module, loads and initialises it, and binds a name in the local scope."
 GREEDY = {"max_tokens": 6, "temperature": 0}
@@ -67,7 +67,7 @@ def server(ray_local, tmp_path_factory):
         "policy": MAIN_POLICY, "guard": {"api_keys": [KEY], "rate_per_s": 0}, "export_metrics": True})
     serve.run(main, name="main", route_prefix="/")
     guarded = Router.options(**small).bind({"teacher": serve.get_deployment_handle("teacher", "main")}, {
-        "guard": {"api_keys": [KEY, FLOOD_KEY], "bind_host": "0.0.0.0", "rate_per_s": 0.5, "burst": 5},
+        "guard": {"api_keys": [KEY, FLOOD_KEY, CACHE_KEY], "bind_host": "0.0.0.0", "rate_per_s": 0.5, "burst": 5},
         "cache": {"exact": {"enabled": False},
                   "semantic": {"enabled": True, "threshold": 0.999, "verify_fraction": 1.0}}})
     serve.run(guarded, name="guarded", route_prefix="/guarded")
@@ -270,8 +270,8 @@ def test_semantic_cache_hits_and_counts_wrong_hits(server):
     g = server + "/guarded"
     embed = serve.get_deployment_handle("teacher", "main").embed
     a, b = "def mean(xs): return sum(xs) / len(xs)", "def mean(xs):  return sum(xs) / len(xs)"
-    first = post(g, "/v1/completions", {"prompt": a, **GREEDY}, KEY)
-    second = post(g, "/v1/completions", {"prompt": b, **GREEDY}, KEY)
+    first = post(g, "/v1/completions", {"prompt": a, **GREEDY}, CACHE_KEY)
+    second = post(g, "/v1/completions", {"prompt": b, **GREEDY}, CACHE_KEY)
     sim = sum(x * y for x, y in zip(embed.remote({"text": a}).result(), embed.remote({"text": b}).result()))
     assert first.headers["x-scalestack-cache"] == "miss"
     expected = "semantic" if sim >= 0.999 else "miss"
@@ -280,15 +280,18 @@ def test_semantic_cache_hits_and_counts_wrong_hits(server):
         assert second.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
         assert second.json()["scalestack"]["similarity"] >= 0.999
     deadline = time.time() + 20
-    while True:  # the wrong-hit check runs in the background
-        stats = requests.get(g + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
-        sem = stats["cache_semantic"]
+    while True:  # the wrong-hit check runs in the background; polls every 2 s, what the key's 0.5/s rate refills
+        stats = requests.get(g + "/v1/stats", headers={"Authorization": f"Bearer {CACHE_KEY}"}, timeout=10)
+        assert stats.status_code == 200, stats.text
+        sem = stats.json()["cache_semantic"]
         if sem["checks"] == sem["hits"] or time.time() > deadline:
             break
-        time.sleep(0.2)
+        time.sleep(2.0)
     assert sem["checks"] == sem["hits"] == (expected == "semantic")
-    fresh = post(g, "/v1/completions", {"prompt": b, "max_tokens": 6, "temperature": 0, "seed": None,
-                                        "stop": ["never-matches"]}, KEY).json()["choices"][0]["text"]
+    r = post(g, "/v1/completions", {"prompt": b, "max_tokens": 6, "temperature": 0, "seed": None,
+                                    "stop": ["never-matches"]}, CACHE_KEY)
+    assert r.status_code == 200, r.text
+    fresh = r.json()["choices"][0]["text"]
     assert sem["wrong_hits"] == (expected == "semantic" and fresh != first.json()["choices"][0]["text"])
 
 

@@ -56,6 +56,16 @@ def test_router_replica_runs_its_code_on_its_own_loop_unless_told_otherwise() ->
     assert mine["runtime_env"]["env_vars"] == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1", "X": "y"}
 
 
+def test_the_router_process_never_imports_torch() -> None:
+    """The router replica loads serve_deployments.router only; torch there cost its first request ~1.3 s."""
+    import subprocess
+    import sys
+
+    code = "import sys, serve_deployments.router, serve_deployments.app; print(sorted(m for m in sys.modules if m == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_model_flag_needs_name_and_artifact() -> None:
     with pytest.raises(ConfigError, match="NAME=ARTIFACT"):
         load_serve_args(None, ["just-a-path"])
