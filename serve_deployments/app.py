@@ -244,7 +244,7 @@ def start(args: ServeArgs, application=None, *, wait_s: float = 120.0, ingress: 
     try:
         serve.run(application, name=APP_NAME, route_prefix="/")
     except RuntimeError as err:  # a replica failed to start (unloadable artifact, bad settings, ...)
-        serve.shutdown()
+        serve.delete(APP_NAME)  # this application only: a shared cluster's other applications stay up
         reason = str(err).splitlines()[0][:300]
         raise UserError(f"serving did not start: {reason}; replica logs: /tmp/ray/session_latest/logs/serve/") from None
     client = ServeClient(f"http://{_client_host(args.host)}:{args.port}")
@@ -254,7 +254,7 @@ def start(args: ServeArgs, application=None, *, wait_s: float = 120.0, ingress: 
     try:  # the replica is up, so its own server is too, unless Ray was started without the flags
         client.wait_ready(min(wait_s, 15.0))
     except UserError:
-        serve.shutdown()
+        serve.delete(APP_NAME)
         raise UserError(f"ingress direct: nothing answers on port {args.port}; the Ray cluster must be started "
                         f"with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT={args.port} "
                         "in its environment (app.deploy does this when it starts Ray itself)") from None

@@ -520,8 +520,8 @@ class Router:
             self.metrics.error(503)
             return _error(503, f"the model call failed ({type(err).__name__}); retry later", "model_unavailable")
         self._finish(result, prompt, start)
-        body_out = self._body(result, rid, chat)
-        return _JSON(body_out, headers={**_headers(result, rid), "server-timing": clock.server_timing(start)})
+        return _JSON(self._body(result, rid, chat),
+                     headers={**_headers(result, rid), "server-timing": clock.server_timing(start)})
 
     async def _route(self, prompt: str, body: _Sampling, params: dict, rid: str, clock: _Clock,
                      stream: bool) -> dict:
