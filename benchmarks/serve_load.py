@@ -16,6 +16,8 @@ the same order, from a closed loop of `concurrency` clients on 127.0.0.1; each r
   (b) batching on vs off, both through handles; goal: >= 4x throughput at concurrency 32;
   (c) the fp32 teacher vs the int8 student, both through handles.
 
+"mean batch" is requests per decode batch in the deployment that served the level (its LMServer batch_stats).
+
 --teacher defaults to the registry's `demo` (else the newest runs/*/artifact); --student to TEACHER-int8 from the
 registry, else an int8 copy of the teacher made here with app.quantize (torch.ao dynamic int8); without
 app.quantize, (c) is skipped.
@@ -195,10 +197,16 @@ def main() -> int:
             return (await handles[name].generate.remote({"prompt": text, **params}))["completion_tokens"]
         return send
 
-    configs = [("teacher, handle", via_handle("teacher")), ("teacher, router (proxy)", "proxy"),
-               ("teacher, router (direct)", "direct"), ("teacher, batching off", via_handle("teacher-nobatch"))]
+    # (label, how requests are sent, the deployment that decodes them)
+    configs = [("teacher, handle", via_handle("teacher"), "teacher"), ("teacher, router (proxy)", "proxy", "teacher"),
+               ("teacher, router (direct)", "direct", "teacher"),
+               ("teacher, batching off", via_handle("teacher-nobatch"), "teacher-nobatch")]
     if student:
-        configs.append(("student int8, handle", via_handle("student-int8")))
+        configs.append(("student int8, handle", via_handle("student-int8"), "student-int8"))
+
+    async def batches(name: str) -> tuple[int, int]:
+        stats = (await handles[name].info.remote())["batch_stats"]
+        return stats["requests"], stats["batches"]
 
     async def run_all() -> tuple[dict, dict]:
         results: dict[str, dict[int, dict]] = {}
@@ -216,15 +224,20 @@ def main() -> int:
                     return (await post(path, text))[0]
                 return send
 
-            sends = [(label, via_router(send) if isinstance(send, str) else send) for label, send in configs]
+            sends = [(label, via_router(send) if isinstance(send, str) else send, name)
+                     for label, send, name in configs]
             paired_n = 30 if args.quick else args.paired
             with progress_bar("serve load", len(sends) * len(LEVELS) + paired_n) as bar:
-                for label, send in sends:
+                for label, send, name in sends:
                     await closed_loop(send, prompts(8), 4)  # warm-up: first batches, connections, code paths
                     for c in LEVELS:
                         bar.update(status=f"{label} @ {c}")
                         n = requests_per_level(c, args.quick)
-                        results.setdefault(label, {})[c] = await closed_loop(send, prompts(n), c)
+                        r0, b0 = await batches(name)
+                        out = await closed_loop(send, prompts(n), c)
+                        r1, b1 = await batches(name)
+                        out["mean_batch"] = (r1 - r0) / max(b1 - b0, 1)  # requests per decode batch
+                        results.setdefault(label, {})[c] = out
                         bar.advance()
                 bar.update(status="paired overhead")
                 paired = await paired_overhead(via_handle("teacher"), post, prompts(paired_n), bar.advance)
@@ -238,9 +251,10 @@ def main() -> int:
         tmp.cleanup()
 
     rows = [(label, c, r["requests"], f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['req_per_s']:.1f}",
-             f"{r['tokens_per_s']:.0f}") for label, by_c in results.items() for c, r in by_c.items()]
+             f"{r['tokens_per_s']:.0f}", f"{r['mean_batch']:.1f}") for label, by_c in results.items()
+            for c, r in by_c.items()]
     print_table(f"serve load: {args.max_tokens} tokens/request, greedy, loopback",
-                ["configuration", "clients", "requests", "p50 ms", "p99 ms", "req/s", "tokens/s"], rows)
+                ["configuration", "clients", "requests", "p50 ms", "p99 ms", "req/s", "tokens/s", "mean batch"], rows)
 
     t, r, off = results["teacher, handle"], results["teacher, router (proxy)"], results["teacher, batching off"]
     d = results["teacher, router (direct)"]
