@@ -166,7 +166,7 @@ def continuation_quality(model, windows: np.ndarray, prompt_tokens: int, pad_id:
 def student_answers(model, tokenizer, prompts: np.ndarray, max_tokens: int, batch: int, bar) -> list[dict]:
     """The cheap model's greedy answer to each prompt (at most max_tokens, stopping at eos, exactly as
     LMServer.generate decodes): the dicts every judge reads (mean_logprob, mean_entropy, prompt_logprob, token_ids)."""
-    from serve_deployments.lm_server import DecodeBatch, Sequence as Decoding
+    from serve_deployments.decoding import DecodeBatch, Sequence as Decoding
 
     out = []
     for start in range(0, len(prompts), batch):

@@ -37,6 +37,8 @@ class ModelDeployment(BaseModel):
         None, description="Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests, ...).")
     max_batch_size: int = Field(8, ge=1, le=256, description="Most requests one replica decodes together.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=5, description="Seconds a batch waits to fill up.")
+    continuous_batching: bool = Field(True, description="Requests join the running batch between decode steps "
+                                      "(False: static batches, each run to its last request).")
     max_tokens_limit: int | None = Field(None, ge=1, description="Largest max_tokens (default: the context).")
     max_ongoing_requests: int | None = Field(None, ge=1,
                                              description="Requests in flight per replica (default 4 × batch).")
@@ -51,7 +53,8 @@ class ModelDeployment(BaseModel):
 
     def settings(self) -> dict:
         """The LMServer's `settings` argument (its LiveSettings)."""
-        out = {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
+        out = {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
+               "continuous_batching": self.continuous_batching}
         return out if self.max_tokens_limit is None else {**out, "max_tokens_limit": self.max_tokens_limit}
 
 

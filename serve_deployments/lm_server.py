@@ -2,11 +2,14 @@
 
     LMServer.options(name="teacher").bind("runs/demo/artifact", "teacher", {"max_batch_size": 16})
 
-Every method takes and returns plain dicts (cheap across a DeploymentHandle). Requests that arrive together are
-decoded as one left-padded batch (`@serve.batch`, `GPT.forward_padded`): each row keeps its own max_tokens, stop
-strings and sampling settings, and leaves the batch the step it finishes, so its caller gets its answer without
-waiting for the longest row. Greedy output is the same batched or alone. The torch work runs on one worker
-thread, so the replica's event loop keeps accepting (and batching) requests while a batch decodes.
+Every method takes and returns plain dicts (cheap across a DeploymentHandle). Generation is continuously batched:
+`@serve.batch` gathers the requests that arrive together (up to max_batch_size, for batch_wait_timeout_s), and the
+group joins the one left-padded KV-cache batch already decoding at its next step (`decoding.ContinuousBatcher`,
+`GPT.forward_padded`) instead of waiting for it to finish. Each row keeps its own max_tokens, stop strings and
+sampling settings and leaves the batch the step it finishes, so its caller gets its answer without waiting for
+the longest row; a caller that goes away (a cancelled call, a closed stream) frees its row at the next step.
+Greedy output is the same batched or alone. The torch work runs on one worker thread, so the replica's event
+loop keeps accepting requests while the batch decodes.
 
 A text prompt starts a document: training saw every document after an eos token, so the context is
 [eos] + tokens(prompt) (counted in prompt_tokens). `prompt_ids` are used as given.
@@ -19,7 +22,7 @@ import concurrent.futures
 import logging
 import math
 import secrets
-from dataclasses import dataclass, field
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 import torch
@@ -28,8 +31,8 @@ from ray import serve
 from torch.nn import functional as F
 
 from app.errors import UserError
-from app.model import GPT, sample_next_token
-from app.tokenizer import Tokenizer
+from app.model import GPT
+from serve_deployments.decoding import ContinuousBatcher, Sequence
 
 logger = logging.getLogger("ray.serve")
 
@@ -84,6 +87,8 @@ class LiveSettings(BaseModel):
     max_batch_size: int = Field(8, ge=1, le=256, description="Most requests decoded together in one batch.")
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=5.0,
                                         description="Seconds a batch waits for more requests before it starts.")
+    continuous_batching: bool = Field(True, description="Requests join the running batch between steps (False: "
+                                      "a batch runs until its last request finishes before the next starts).")
     max_tokens_limit: int | None = Field(None, ge=1, description="Largest max_tokens a request may ask for "
                                          "(default: the model's context).")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: the replica's "
@@ -100,147 +105,6 @@ def _validate(model: type[BaseModel], data: Any, what: str) -> Any:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or what
         raise UserError(f"{what}.{loc}: {first['msg']} (got {first.get('input')!r:.60})") from None
-
-
-# ---- one sequence being decoded (pure Python: text, stop strings, finish) ------------------------------------
-
-
-@dataclass
-class Sequence:
-    """A request's decoding state: its tokens, its text so far, and whether and why it finished."""
-
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    stop: tuple[str, ...]
-    generator: torch.Generator | None
-    tokenizer: Tokenizer
-    token_ids: list[int] = field(default_factory=list)
-    logprob_sum: float = 0.0  # natural-log probability of each generated token under the model (temperature 1)
-    entropy_sum: float = 0.0  # entropy (nats) of the model's next-token distribution at each step
-    prompt_logprob: float | None = None  # mean log-probability of the prompt's tokens after its first (prefill)
-    text: str = ""  # the completion's text, cut before a stop string once one appears
-    emitted: int = 0  # characters of text already streamed
-    finish_reason: str | None = None  # "stop" (eos or a stop string) or "length"
-
-    def push(self, token: int, logprob: float, entropy: float) -> dict:
-        """Append one generated token; returns the stream event {text (new), token_id, finish_reason}."""
-        self.token_ids.append(token)
-        self.logprob_sum += logprob
-        self.entropy_sum += entropy
-        if token == self.tokenizer.eos_id:
-            self.finish_reason = "stop"
-            return self._event(token, len(self.text))
-        full = self.tokenizer.decode(self.token_ids)
-        hits = [i for i in (full.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.text, self.finish_reason = full[:min(hits)], "stop"
-            return self._event(token, len(self.text))
-        self.text = full
-        if len(self.token_ids) >= self.max_tokens:
-            self.finish_reason = "length"
-            return self._event(token, len(full))
-        return self._event(token, len(full) - self._held_back(full))
-
-    def _held_back(self, full: str) -> int:
-        """Characters at the end not to stream yet: the start of a stop string, or an incomplete UTF-8 char."""
-        hold = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if full.endswith(s[:n])), default=0)
-        while hold < len(full) and full[len(full) - hold - 1] == "\ufffd":  # byte-level BPE mid-character
-            hold += 1
-        return hold
-
-    def _event(self, token: int, upto: int) -> dict:
-        delta = self.text[self.emitted:upto] if upto > self.emitted else ""
-        self.emitted = max(self.emitted, upto)
-        return {"text": delta, "token_id": token, "finish_reason": self.finish_reason}
-
-    def result(self, model: str) -> dict:
-        n = len(self.token_ids)
-        return {
-            "text": self.text, "token_ids": list(self.token_ids), "prompt_tokens": len(self.prompt_ids),
-            "completion_tokens": n, "finish_reason": self.finish_reason,
-            "mean_logprob": self.logprob_sum / n if n else 0.0, "mean_entropy": self.entropy_sum / n if n else 0.0,
-            "prompt_logprob": self.prompt_logprob, "model": model,
-        }
-
-
-# ---- a left-padded batch decoding together (pure torch; unit-tested without Ray) -----------------------------
-
-
-class DecodeBatch:
-    """Sequences decoding as one left-padded batch with a KV cache; `step()` adds one token to every live row.
-
-    Rows are left-padded to the longest prompt so every row's next token comes from the last slot. A row that
-    finishes is dropped from the tensors (and the cache) before the next step, so it costs nothing more.
-    """
-
-    def __init__(self, model: GPT, seqs: list[Sequence], pad_id: int) -> None:
-        self.model, self.seqs = model, seqs
-        device = model.embed.wte.weight.device
-        width = max(len(s.prompt_ids) for s in seqs)
-        self._idx = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)  # [B, T]
-        for row, s in enumerate(seqs):
-            self._idx[row, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids, dtype=torch.long)
-        self._pad = torch.tensor([width - len(s.prompt_ids) for s in seqs], device=device)  # [B]
-        # The last token of the longest request is never fed back, hence the -1.
-        slots = width + max(s.max_tokens for s in seqs) - 1
-        self._cache = model.new_kv_cache(len(seqs), device, length=max(slots, width))
-        self._live = list(range(len(seqs)))  # index into seqs of each tensor row
-        self._slot = 0  # cache slot of the next input
-        self.done = False
-
-    @torch.inference_mode()
-    def step(self) -> list[dict | None]:
-        """One forward (the prefill, then one token per row); returns one stream event per sequence, None for a
-        sequence that had already finished."""
-        assert not self.done
-        logits = self.model.forward_padded(self._idx, self._pad, self._cache, self._slot)  # [B, T, V]
-        if self._slot == 0:
-            self._score_prompts(logits)
-        logits = logits[:, -1]  # [B, V]
-        self._slot += self._idx.size(1)
-        tokens, logprobs, entropies = self._choose(logits)
-        events: list[dict | None] = [None] * len(self.seqs)
-        keep = []
-        for row, i in enumerate(self._live):
-            events[i] = self.seqs[i].push(int(tokens[row]), float(logprobs[row]), float(entropies[row]))
-            if self.seqs[i].finish_reason is None:
-                keep.append(row)
-        if not keep:
-            self.done = True
-        elif len(keep) < len(self._live):  # early finish: the row leaves the batch
-            rows = torch.tensor(keep, device=tokens.device)
-            for c in self._cache:
-                c.k, c.v = c.k.index_select(0, rows), c.v.index_select(0, rows)
-            self._pad, tokens = self._pad[rows], tokens[rows]
-            self._live = [self._live[r] for r in keep]
-        self._idx = tokens[:, None]  # [B, 1]
-        return events
-
-    def _score_prompts(self, logits: torch.Tensor) -> None:
-        """Each prompt's mean token log-probability under the model, from the prefill's logits [B, T, V] (no extra
-        forward; a judge's feature). Row by row, so the log-softmax never holds more than one prompt's [T, V]."""
-        width = self._idx.size(1)
-        for row, s in enumerate(self.seqs):
-            pad = int(self._pad[row])
-            if width - pad < 2:
-                continue  # a one-token prompt predicts nothing
-            logp = F.log_softmax(logits[row, pad:width - 1].float(), dim=-1)  # [n - 1, V]: token t from t - 1
-            s.prompt_logprob = float(logp.gather(1, self._idx[row, pad + 1:, None]).mean())
-
-    def _choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Next token of each row (greedy or its own sampling settings and generator), its log-probability and
-        the distribution's entropy, both under the model itself (temperature 1, no filtering)."""
-        logp = F.log_softmax(logits.float(), dim=-1)  # [B, V]
-        entropy = -(logp.exp() * logp).sum(dim=-1)  # [B]
-        tokens = logits.argmax(dim=-1)  # [B]
-        for row, i in enumerate(self._live):
-            s = self.seqs[i]
-            if s.temperature > 0:
-                tokens[row] = sample_next_token(logits[row:row + 1], s.temperature, s.top_k, s.top_p, s.generator)[0]
-        return tokens, logp.gather(1, tokens[:, None])[:, 0], entropy
 
 
 # ---- scoring and embedding (right-padded batches: a causal model never looks at later pads) ------------------
@@ -299,7 +163,7 @@ class LMServer:
         # the event loop stays free to accept and batch requests meanwhile.
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lm-{name}")
         self.settings = LiveSettings()
-        self.batch_stats = {"batches": 0, "requests": 0, "largest": 0}  # generation batches since start
+        self._batcher = ContinuousBatcher(self.model, self.tokenizer.pad_id, self._worker)
         self._draining: set[asyncio.Task] = set()
         self._apply(_validate(LiveSettings, settings or {}, "settings"))
 
@@ -313,6 +177,8 @@ class LMServer:
 
     def _apply(self, settings: LiveSettings) -> None:
         self.settings = settings
+        self._batcher.max_batch_size = settings.max_batch_size
+        self._batcher.continuous = settings.continuous_batching
         for method in (self._decode_batch, self._score_batch, self._embed_batch):
             method.set_max_batch_size(settings.max_batch_size)
             method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
@@ -347,41 +213,40 @@ class LMServer:
         return Sequence(ids, r.max_tokens, r.temperature, r.top_k, r.top_p if r.top_p < 1 else None,
                         tuple(r.stop), generator, self.tokenizer)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, max_concurrent_batches=64)
     async def _decode_batch(self, seqs: list[Sequence]) -> AsyncIterator[list]:
-        """Serve hands over the sequences that arrived together; yields one event per sequence per step
-        (StopIteration for sequences that already finished, which ends their callers' streams)."""
-        loop = asyncio.get_running_loop()
-        stats = self.batch_stats
-        stats["batches"], stats["requests"] = stats["batches"] + 1, stats["requests"] + len(seqs)
-        stats["largest"] = max(stats["largest"], len(seqs))
-        batch = DecodeBatch(self.model, seqs, self.tokenizer.pad_id)
-        while not batch.done:
-            events = await loop.run_in_executor(self._worker, batch.step)
-            yield [StopIteration if e is None else e for e in events]
+        """Serve hands over the sequences that arrived together; they join the running batch, and this yields one
+        event per sequence per step (StopIteration once a sequence has finished, which ends its caller's stream)."""
+        async with aclosing(self._batcher.join(seqs)) as steps:
+            async for events in steps:
+                yield [StopIteration if e is None else e for e in events]
 
     async def generate(self, req: dict) -> dict:
         """A completion: text, token_ids, prompt/completion token counts, finish_reason, mean_logprob,
-        mean_entropy, prompt_logprob (None for a one-token prompt), model. Returns as soon as this request finishes, whatever else is in its batch."""
+        mean_entropy, prompt_logprob (None for a one-token prompt), model. Returns as soon as this request
+        finishes, whatever else is decoding with it."""
         seq = self._sequence(req)
-        events = self._decode_batch(seq)
-        async for event in events:
-            if event["finish_reason"] is not None:
-                self._drain(events)
-                break
+        async for _ in self._events(seq):
+            pass
         return seq.result(self.name)
 
     async def stream(self, req: dict) -> AsyncIterator[dict]:
         """The completion token by token: {"text": new text, "token_id", "finish_reason": None|"stop"|"length"}.
         Text that may be the start of a stop string is held back until it is known not to be."""
-        seq = self._sequence(req)
-        events = self._decode_batch(seq)
-        async for event in events:
-            if event["finish_reason"] is not None:
-                self._drain(events)
-                yield event
-                break
+        async for event in self._events(self._sequence(req)):
             yield event
+
+    async def _events(self, seq: Sequence) -> AsyncIterator[dict]:
+        """seq's stream events up to its last; if the caller goes away first, its row leaves the batch."""
+        events = self._decode_batch(seq)
+        try:
+            async for event in events:
+                yield event
+                if event["finish_reason"] is not None:
+                    self._drain(events)
+                    return
+        finally:
+            self._batcher.cancel(seq)  # no-op once finished
 
     def _drain(self, events: AsyncIterator[dict]) -> None:
         """Read a finished sequence's end-of-stream marker in the background. Serve resolves one more future for
@@ -432,8 +297,9 @@ class LMServer:
             "seq_len": self.seq_len,
             "vocab_size": self.model.cfg.vocab_size, "quantization": card.get("quantization") or "none",
             "max_batch_size": self.settings.max_batch_size, "batch_wait_timeout_s": self.settings.batch_wait_timeout_s,
+            "continuous_batching": self.settings.continuous_batching,
             "max_tokens_limit": min(self.settings.max_tokens_limit or self.seq_len, self.seq_len),
-            "torch_threads": self.torch_threads, "batch_stats": dict(self.batch_stats), "card": card,
+            "torch_threads": self.torch_threads, "batch_stats": dict(self._batcher.stats), "card": card,
         }
 
 

@@ -20,7 +20,8 @@ from app.errors import UserError
 from app.model import GPT, IGNORE_INDEX
 from app.registry import load_artifact, save_artifact
 from app.tokenizer import train_tokenizer
-from serve_deployments.lm_server import DecodeBatch, Sequence, embed_batch, score_batch
+from serve_deployments.decoding import DecodeBatch, Sequence
+from serve_deployments.lm_server import embed_batch, score_batch
 
 TINY = dict(vocab_size=512, seq_len=64, n_layer=2, n_head=4, d_model=64, mlp_ratio=4, dropout=0.0, bias=True)
 
@@ -78,9 +79,9 @@ def test_padded_batch_decodes_each_row_as_if_alone(loaded) -> None:
     batch = DecodeBatch(loaded.model, seqs, tok.pad_id)
     rows, steps = [], 0
     while not batch.done:
+        rows.append(len(batch.rows) + len(batch.pending))
         batch.step()
         steps += 1
-        rows.append(batch._cache[0].k.size(0))
     for s, n in zip(seqs, MAX_TOKENS):
         assert s.token_ids == alone(loaded, s.prompt_ids, n)
         assert s.finish_reason == ("stop" if s.token_ids[-1] == tok.eos_id else "length")
@@ -194,9 +195,10 @@ def test_a_short_request_returns_before_the_long_one_in_its_batch(server) -> Non
         await asyncio.gather(one("long", 60), one("short", 2))
         return done
 
-    before = server.info.remote().result()["batch_stats"]["batches"]
+    before = server.info.remote().result()["batch_stats"]
     done = asyncio.run(race())
-    assert server.info.remote().result()["batch_stats"]["batches"] == before + 1  # one batch for both
+    after = server.info.remote().result()["batch_stats"]
+    assert after["prefills"] == before["prefills"] + 1  # they arrived together and decoded together
     assert done["short"] < done["long"]
 
 
@@ -259,14 +261,17 @@ def test_live_settings_through_user_config(server, artifact) -> None:
     from serve_deployments.lm_server import LMServer
 
     app = LMServer.options(name="tiny", ray_actor_options={"num_cpus": 0.25},
-                           user_config={"max_batch_size": 1, "max_tokens_limit": 5}).bind(
+                           user_config={"max_batch_size": 1, "max_tokens_limit": 5,
+                                        "continuous_batching": False}).bind(
         str(artifact), "tiny", {"max_batch_size": 8, "batch_wait_timeout_s": 0.05})
     handle = serve.run(app, name="lm-test", route_prefix=None)
     info = handle.info.remote().result()
     assert (info["max_batch_size"], info["max_tokens_limit"], info["batch_wait_timeout_s"]) == (1, 5, 0.05)
+    assert info["continuous_batching"] is False
     before = info["batch_stats"]
     results = [r.result() for r in [handle.generate.remote({"prompt": "a", "max_tokens": 3}) for _ in range(3)]]
     after = handle.info.remote().result()["batch_stats"]
-    assert len(results) == 3 and after["batches"] - before["batches"] == 3  # one request per batch now
+    assert len(results) == 3 and after["prefills"] - before["prefills"] == 3  # one request per batch now
+    assert after["rows"] - before["rows"] == after["steps"] - before["steps"] > 0  # each step decoded one row
     with pytest.raises(UserError, match="limit of 5"):
         handle.generate.remote({"prompt": "a", "max_tokens": 6}).result()
