@@ -2,8 +2,8 @@
 
     python benchmarks/serve_load.py [--quick] [--teacher ART] [--student ART] [--max-tokens 32]
 
-One Serve application holds the teacher twice (dynamic batching up to 32 requests, and batching off:
-max_batch_size 1), the int8 student, and the router; Ray runs with direct ingress on, so the router answers HTTP
+One Serve application holds the teacher three times (continuous batching up to 32 requests, static batching up
+to 32, and batching off: max_batch_size 1), the int8 student, and the router; Ray runs with direct ingress on, so the router answers HTTP
 both behind Serve's proxy (on one port) and by itself (on another). Every configuration gets the same prompts in
 the same order, from a closed loop of `concurrency` clients on 127.0.0.1; each request is greedy, at most
 --max-tokens tokens, and distinct (the router's cache is off), so every one reaches a model. Compared:
@@ -13,10 +13,12 @@ the same order, from a closed loop of `concurrency` clients on 127.0.0.1; each r
       three ways in turn (handle, proxy, direct; order rotating), and the overhead is the median of the per-prompt
       differences, split by the router's Server-Timing header into the router's own code and the transport
       (HTTP, proxy and actor hops) — generation jitter cancels out of the pairs;
-  (b) batching on vs off, both through handles; goal: >= 4x throughput at concurrency 32;
+  (b) batching on vs off, both through handles; goal: >= 4x throughput at concurrency 32; and continuous vs
+      static batching (a batch runs to its last request before the next starts), both through handles;
   (c) the fp32 teacher vs the int8 student, both through handles.
 
-"mean batch" is requests per decode batch in the deployment that served the level (its LMServer batch_stats).
+"mean batch" is the mean number of requests per decode step (forward) in the deployment that served the level,
+from its LMServer batch_stats (continuous batching: requests join and leave the running batch between steps).
 
 --teacher defaults to the registry's `demo` (else the newest runs/*/artifact); --student to TEACHER-int8 from the
 registry, else an int8 copy of the teacher made here with app.quantize (torch.ao dynamic int8); without
@@ -174,6 +176,8 @@ def main() -> int:
     student = args.student or default_student(teacher, Path(tmp.name) / "student-int8")
     quarter = {"num_cpus": 0.25}
     models = [{"name": "teacher", "artifact": teacher, "max_batch_size": 32, "ray_actor_options": quarter},
+              {"name": "teacher-static", "artifact": teacher, "max_batch_size": 32, "continuous_batching": False,
+               "ray_actor_options": quarter},
               {"name": "teacher-nobatch", "artifact": teacher, "max_batch_size": 1, "ray_actor_options": quarter}]
     if student:
         models.append({"name": "student-int8", "artifact": student, "max_batch_size": 32,
@@ -200,13 +204,14 @@ def main() -> int:
     # (label, how requests are sent, the deployment that decodes them)
     configs = [("teacher, handle", via_handle("teacher"), "teacher"), ("teacher, router (proxy)", "proxy", "teacher"),
                ("teacher, router (direct)", "direct", "teacher"),
+               ("teacher, static batching", via_handle("teacher-static"), "teacher-static"),
                ("teacher, batching off", via_handle("teacher-nobatch"), "teacher-nobatch")]
     if student:
         configs.append(("student int8, handle", via_handle("student-int8"), "student-int8"))
 
     async def batches(name: str) -> tuple[int, int]:
         stats = (await handles[name].info.remote())["batch_stats"]
-        return stats["requests"], stats["batches"]
+        return stats["rows"], stats["steps"]
 
     async def run_all() -> tuple[dict, dict]:
         results: dict[str, dict[int, dict]] = {}
@@ -228,15 +233,17 @@ def main() -> int:
                      for label, send, name in configs]
             paired_n = 30 if args.quick else args.paired
             with progress_bar("serve load", len(sends) * len(LEVELS) + paired_n) as bar:
+                bar.update(status="warm-up")
+                for _, send, _ in sends:  # every path before any is measured: first batches, connections, code
+                    await closed_loop(send, prompts(16), 4)
                 for label, send, name in sends:
-                    await closed_loop(send, prompts(8), 4)  # warm-up: first batches, connections, code paths
                     for c in LEVELS:
                         bar.update(status=f"{label} @ {c}")
                         n = requests_per_level(c, args.quick)
                         r0, b0 = await batches(name)
                         out = await closed_loop(send, prompts(n), c)
                         r1, b1 = await batches(name)
-                        out["mean_batch"] = (r1 - r0) / max(b1 - b0, 1)  # requests per decode batch
+                        out["mean_batch"] = (r1 - r0) / max(b1 - b0, 1)  # requests per decode step
                         results.setdefault(label, {})[c] = out
                         bar.advance()
                 bar.update(status="paired overhead")
@@ -257,20 +264,24 @@ def main() -> int:
                 ["configuration", "clients", "requests", "p50 ms", "p99 ms", "req/s", "tokens/s", "mean batch"], rows)
 
     t, r, off = results["teacher, handle"], results["teacher, router (proxy)"], results["teacher, batching off"]
-    d = results["teacher, router (direct)"]
+    d, st = results["teacher, router (direct)"], results["teacher, static batching"]
     s = results.get("student int8, handle")
     ratios = {c: {"router_overhead_p50_ms": r[c]["p50_ms"] - t[c]["p50_ms"],
                   "router_direct_overhead_p50_ms": d[c]["p50_ms"] - t[c]["p50_ms"],
                   "batching_speedup": t[c]["req_per_s"] / off[c]["req_per_s"],
+                  "continuous_vs_static_throughput": t[c]["req_per_s"] / st[c]["req_per_s"],
+                  "continuous_vs_static_p50": t[c]["p50_ms"] / st[c]["p50_ms"],
                   **({"student_vs_teacher_throughput": s[c]["req_per_s"] / t[c]["req_per_s"],
                       "student_vs_teacher_p50": s[c]["p50_ms"] / t[c]["p50_ms"]} if s else {})}
               for c in LEVELS}
     ratio_rows = [(c, f"{x['router_overhead_p50_ms']:+.1f}", f"{x['router_direct_overhead_p50_ms']:+.1f}",
-                   f"{x['batching_speedup']:.2f}x",
+                   f"{x['batching_speedup']:.2f}x", f"{x['continuous_vs_static_throughput']:.2f}x",
+                   f"{x['continuous_vs_static_p50']:.2f}x",
                    f"{x['student_vs_teacher_throughput']:.2f}x" if s else "skipped",
                    f"{x['student_vs_teacher_p50']:.2f}x" if s else "skipped") for c, x in ratios.items()]
     print_table("side by side (same run)", ["clients", "router overhead p50 ms: proxy", "direct",
-                                            "batching on/off req/s", "int8/fp32 req/s", "int8/fp32 p50"], ratio_rows)
+                                            "batching on/off req/s", "continuous/static req/s", "p50",
+                                            "int8/fp32 req/s", "int8/fp32 p50"], ratio_rows)
     print_table(f"router overhead, paired: {paired['n']} prompts each sent three ways by one client (ms)",
                 ["path", "p50 overhead", "IQR", "router's own code", "transport"],
                 [(path, f"{x['overhead_ms']:+.2f}", f"{x['iqr_ms'][0]:+.1f} .. {x['iqr_ms'][1]:+.1f}",
@@ -292,7 +303,7 @@ def main() -> int:
         ("int8 copy of the teacher" if student else None),
         "max_tokens": args.max_tokens, "quick": args.quick,
         "models": {k: {f: v.get(f) for f in ("parameters", "seq_len", "quantization", "max_batch_size",
-                                             "torch_threads")} for k, v in infos.items()},
+                                             "continuous_batching", "torch_threads")} for k, v in infos.items()},
         "results": {label: {str(c): r for c, r in by_c.items()} for label, by_c in results.items()},
         "ratios": {str(c): x for c, x in ratios.items()}, "paired_overhead": paired}, indent=2))
     print(f"wrote {out.relative_to(REPO)}")
