@@ -62,7 +62,8 @@ def test_random_joins_and_leaves_over_a_long_run_match_decoding_alone(loaded) ->
     seqs, slots_cap, steps, compactions = [], 0, 0, 0
     while len(seqs) < 150 or not batch.done:
         if len(seqs) < 150 and (rng.random() < 0.3 or len(batch.rows) < 2):
-            prompts = [ids(loaded, " ".join(rng.choices(words, k=rng.randint(0, 12)))) for _ in range(rng.randint(1, 3))]
+            prompts = [ids(loaded, " ".join(rng.choices(words, k=rng.randint(0, 12))))
+                       for _ in range(rng.randint(1, 3))]
             joiners = [greedy(loaded, p, min(rng.choice([1, 2, 5, 17, 30]), loaded.model.cfg.seq_len - len(p)))
                        for p in prompts]
             batch.add(joiners)
@@ -263,4 +264,5 @@ def test_lmserver_frees_the_row_of_a_stream_its_client_closed(tmp_path, monkeypa
     got, other = asyncio.run(scenario())
     stats = (asyncio.run(server.info()))["batch_stats"]
     assert len(got) == 2 and stats["cancelled"] == 1 and stats["requests"] == 2
-    assert other["token_ids"] == alone(server.artifact, [server.tokenizer.eos_id, *server.tokenizer.encode("import")], 40)
+    tok = server.tokenizer
+    assert other["token_ids"] == alone(server.artifact, [tok.eos_id, *tok.encode("import")], 40)
