@@ -699,7 +699,7 @@ class Router:
             self._finish(head, prompt, start)
             yield "data: [DONE]\n\n"
             return
-        parts, finish, n = [], None, 0
+        parts, finish, n, gen = [], None, 0, None
         timeout = self.settings.guard.request_timeout_s
         try:
             gen = self.models[model].options(stream=True).stream.remote(head["request"])
@@ -716,6 +716,9 @@ class Router:
             yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
             yield "data: [DONE]\n\n"
             return
+        finally:
+            if gen is not None and finish is None:  # timed out, failed or the client left: free the model's row
+                gen.cancel()
         result = {**head, "text": "".join(parts), "finish_reason": finish or "stop", "completion_tokens": n,
                   "prompt_tokens": 0}
         self._finish(result, prompt, start)

@@ -26,7 +26,7 @@ from serve_deployments.lm_server import embed_batch, score_batch
 TINY = dict(vocab_size=512, seq_len=64, n_layer=2, n_head=4, d_model=64, mlp_ratio=4, dropout=0.0, bias=True)
 
 
-def build_tiny_artifact(out: Path, seed: int = 0) -> Path:
+def build_tiny_artifact(out: Path, seed: int = 0, **config) -> Path:
     """A 2-layer, width-64 GPT with a BPE trained on three stdlib modules, written as a registry artifact.
 
     Untrained weights decode greedily into one repeated token, which would hide a batch that mixes up rows or
@@ -35,7 +35,7 @@ def build_tiny_artifact(out: Path, seed: int = 0) -> Path:
     texts = [Path(inspect.getsourcefile(m)).read_text() for m in (json.encoder, textwrap, string)]
     tokenizer = train_tokenizer(texts, TINY["vocab_size"])
     torch.manual_seed(seed)
-    model = GPT(ModelConfig(**TINY))
+    model = GPT(ModelConfig(**{**TINY, **config}))
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2:
@@ -275,3 +275,30 @@ def test_live_settings_through_user_config(server, artifact) -> None:
     assert after["rows"] - before["rows"] == after["steps"] - before["steps"] > 0  # each step decoded one row
     with pytest.raises(UserError, match="limit of 5"):
         handle.generate.remote({"prompt": "a", "max_tokens": 6}).result()
+
+
+def test_a_client_that_drops_its_stream_frees_its_row(server, tmp_path) -> None:
+    """A streaming caller that cancels after the first token: Serve cancels the replica's generator and the row
+    leaves the batch, long before the 1,000 tokens it asked for (a model with a 1,024-token context)."""
+    from ray import serve
+
+    from serve_deployments.lm_server import LMServer
+
+    app = LMServer.options(name="long", ray_actor_options={"num_cpus": 0.25}).bind(
+        str(build_tiny_artifact(tmp_path / "long", seq_len=1024)), "long")
+    handle = serve.run(app, name="lm-long", route_prefix=None)
+    try:
+        stream = handle.options(stream=True).stream.remote(
+            {"prompt": "def", "max_tokens": 1000, "temperature": 0, "stop": ["never-\u2603"]})
+        first = next(stream)
+        stream.cancel()
+        deadline, stats = time.monotonic() + 20, {}
+        while time.monotonic() < deadline:
+            stats = handle.info.remote().result()["batch_stats"]
+            if stats["cancelled"] or stats["steps"] >= 999:
+                break
+            time.sleep(0.05)
+        assert first["finish_reason"] is None
+        assert stats["cancelled"] == 1 and stats["steps"] < 999
+    finally:
+        serve.delete("lm-long")
