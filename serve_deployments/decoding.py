@@ -108,8 +108,7 @@ class DecodeBatch:
         self.device = model.embed.wte.weight.device
         self.pending: list[Sequence] = list(seqs)  # queued: prefilled at the next step
         self.rows: list[Sequence] = []  # decoding: the sequence in each cache row 0..B-1
-        self._k: list[torch.Tensor] = []  # per layer [rows capacity, H, slots capacity, hd]
-        self._v: list[torch.Tensor] = []
+        self._cache: list[KVCache] = []  # per layer, [rows capacity, H, slots capacity, hd]
         self._pad = torch.zeros(0, dtype=torch.long, device=self.device)  # [B]: each row's first real slot
         self._idx = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # [B, 1]: each row's next input
         self._slot = 0  # the cache slot every row's next input goes to
@@ -135,7 +134,7 @@ class DecodeBatch:
         events: list[tuple[Sequence, dict]] = []
         if self.rows:
             lo, B = self.span[0], len(self.rows)
-            cache = [KVCache(k[:B, :, lo:], v[:B, :, lo:]) for k, v in zip(self._k, self._v)]
+            cache = [KVCache(c.k[:B, :, lo:], c.v[:B, :, lo:]) for c in self._cache]
             logits = self.model.forward_padded(self._idx, self._pad - lo, cache, self._slot - lo)[:, -1]  # [B, V]
             self._idx = self._push(self.rows, logits, events)[:, None]
             self._slot += 1
@@ -173,15 +172,15 @@ class DecodeBatch:
             last = len(self.rows) - 1
             if r != last:
                 first = int(self._pad[last])
-                for k, v in zip(self._k, self._v):
-                    k[r, :, first:self._slot] = k[last, :, first:self._slot]
-                    v[r, :, first:self._slot] = v[last, :, first:self._slot]
+                for c in self._cache:
+                    c.k[r, :, first:self._slot] = c.k[last, :, first:self._slot]
+                    c.v[r, :, first:self._slot] = c.v[last, :, first:self._slot]
                 self.rows[r], self._pad[r], self._idx[r] = self.rows[last], self._pad[last], self._idx[last]
             self.rows.pop()
         B = len(self.rows)
         self._pad, self._idx = self._pad[:B], self._idx[:B]
         if not B:  # idle: give the memory back
-            self._k, self._v, self._slot = [], [], 0
+            self._cache, self._slot = [], 0
 
     def _join(self, seqs: list[Sequence], cache: list[KVCache], rows: list[int], lengths: torch.Tensor,
               tokens: torch.Tensor) -> None:
@@ -191,16 +190,16 @@ class DecodeBatch:
         slot = max(self._slot, longest)  # every joiner's prompt must end at the shared next slot
         lo = min(self.span[0], slot - longest)
         to_go = max(s.max_tokens - len(s.token_ids) for s in [*self.rows, *seqs])  # inputs still to feed
-        rows_cap, _, slots_cap, _ = self._k[0].shape if self._k else (0, 0, 0, 0)
+        rows_cap, _, slots_cap, _ = self._cache[0].k.shape if self._cache else (0, 0, 0, 0)
         if B + n > rows_cap or slot + to_go > slots_cap:
             slot -= lo  # out of room: move everything so the first live slot is 0, and grow if still needed
             rows_cap = rows_cap if B + n <= rows_cap else max(B + n, 2 * rows_cap)
             slots_cap = max(slots_cap, slot + to_go, self.model.cfg.seq_len)
         self._move(slot - self._slot, rows_cap, slots_cap)
         m = min(slot, width)  # joiners' real tokens all lie in the prefill cache's last `longest` <= m slots
-        for k, v, c in zip(self._k, self._v, cache):
-            k[B:B + n, :, slot - m:slot] = c.k[rows, :, width - m:]
-            v[B:B + n, :, slot - m:slot] = c.v[rows, :, width - m:]
+        for mine, theirs in zip(self._cache, cache):
+            mine.k[B:B + n, :, slot - m:slot] = theirs.k[rows, :, width - m:]
+            mine.v[B:B + n, :, slot - m:slot] = theirs.v[rows, :, width - m:]
         self.rows += seqs
         self._pad = torch.cat([self._pad, slot - lengths])
         self._idx = torch.cat([self._idx, tokens[:, None]])
@@ -208,19 +207,15 @@ class DecodeBatch:
     def _move(self, shift: int, rows_cap: int, slots_cap: int) -> None:
         """Shift the live rows' slots by `shift`, into new tensors when the capacity changes."""
         first, nxt = self.span
-        cfg = self.model.cfg
-        shape = (rows_cap, cfg.n_head, slots_cap, cfg.d_model // cfg.n_head)
-        old = list(zip(self._k, self._v))
-        if not old or shape != tuple(self._k[0].shape):
-            dtype = self.model.embed.wte.weight.dtype
-            self._k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.model.blocks]
-            self._v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.model.blocks]
+        old = self._cache
+        if not old or (old[0].k.size(0), old[0].k.size(2)) != (rows_cap, slots_cap):
+            self._cache = self.model.new_kv_cache(rows_cap, self.device, length=slots_cap)
         elif shift == 0:
             return
         B = len(self.rows)
-        for (old_k, old_v), k, v in zip(old, self._k, self._v):
-            k[:B, :, first + shift:nxt + shift] = old_k[:B, :, first:nxt].clone()  # clone: the ranges may overlap
-            v[:B, :, first + shift:nxt + shift] = old_v[:B, :, first:nxt].clone()
+        for was, now in zip(old, self._cache):
+            now.k[:B, :, first + shift:nxt + shift] = was.k[:B, :, first:nxt].clone()  # clone: ranges may overlap
+            now.v[:B, :, first + shift:nxt + shift] = was.v[:B, :, first:nxt].clone()
         self._pad = self._pad + shift
         self._slot = nxt + shift
 

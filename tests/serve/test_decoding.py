@@ -76,7 +76,7 @@ def test_random_joins_and_leaves_over_a_long_run_match_decoding_alone(loaded) ->
         for s in batch.rows:
             if rng.random() < 0.01:
                 s.cancelled = True
-        slots_cap = max(slots_cap, batch._k[0].size(2) if batch._k else 0)
+        slots_cap = max(slots_cap, batch._cache[0].k.size(2) if batch._cache else 0)
     assert steps > 3 * loaded.model.cfg.seq_len and compactions > 0 and slots_cap <= 2 * loaded.model.cfg.seq_len
     cancelled = [s for s in seqs if s.cancelled]
     assert 0 < len(cancelled) < 30
