@@ -34,40 +34,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.serve_load import default_teacher, prompts  # noqa: E402
+from benchmarks.serve_load import closed_loop as serve_closed_loop, default_teacher, prompts  # noqa: E402
 
 LEVELS = (1, 8, 32)
 ORDER = ("static", "continuous", "continuous", "static")
 
 
 async def closed_loop(batcher, make_seq, work: list[tuple[str, int]], concurrency: int) -> dict:
-    """`concurrency` clients, each sending its next (prompt, max_tokens) as soon as its previous answer is done."""
-    latencies, first_token, tokens = [], [], 0
-    it = iter(work)
+    """serve_load's closed loop over (prompt, max_tokens) items sent straight to the batcher, plus the time to each
+    request's first token and the mean rows per decode step."""
+    first_token, tokens = [], 0
 
-    async def client() -> None:
+    async def send(item: tuple[str, int]) -> int:
         nonlocal tokens
-        for text, max_tokens in it:
-            seq = make_seq(text, max_tokens)
-            t0, first = time.perf_counter(), None
-            async for _ in batcher.join([seq]):
-                first = first or time.perf_counter() - t0
-            latencies.append(time.perf_counter() - t0)
-            first_token.append(first)
-            tokens += len(seq.token_ids)
+        seq = make_seq(*item)
+        t0, first = time.perf_counter(), None
+        async for _ in batcher.join([seq]):
+            first = first or time.perf_counter() - t0
+        first_token.append(first)
+        tokens += len(seq.token_ids)
+        return len(seq.token_ids)
 
     stats0 = dict(batcher.stats)
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
-    latencies.sort()
-    stats = {k: batcher.stats[k] - stats0[k] for k in ("rows", "steps")}
-    return {"requests": len(latencies), "tokens": tokens, "wall_s": wall,
-            "req_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall,
-            "p50_ms": 1e3 * statistics.median(latencies),
-            "p99_ms": 1e3 * latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
-            "ttft_p50_ms": 1e3 * statistics.median(first_token),
-            "mean_batch": stats["rows"] / max(stats["steps"], 1)}
+    out = await serve_closed_loop(send, work, concurrency)
+    steps = batcher.stats["steps"] - stats0["steps"]
+    return {**out, "tokens": tokens, "ttft_p50_ms": 1e3 * statistics.median(first_token),
+            "mean_batch": (batcher.stats["rows"] - stats0["rows"]) / max(steps, 1)}
 
 
 def merge(blocks: list[dict]) -> dict:
