@@ -94,13 +94,16 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps (steps)")
     p.add_argument("--run-name", help="run name; re-running a name resumes it (name)")
     p.add_argument("--storage", help="folder or pyarrow URI for runs (storage)")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="start from this model's weights, a registry name or artifact folder (init_from)")
     p.add_argument("--num-cpus", type=int, help="CPUs for embedded Ray (default: what the workers need)")
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
     flags = {"parallel.workers": args.workers, "parallel.zero_stage": args.zero,
              "parallel.pipeline_stages": args.pipeline_stages, "steps": args.steps, "name": args.run_name,
-             "storage": args.storage, "parallel.offload_optimizer": True if args.offload else None}
+             "storage": args.storage, "parallel.offload_optimizer": True if args.offload else None,
+             "init_from": args.init_from}
     return [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
 
 
@@ -143,7 +146,7 @@ def _distill(args: argparse.Namespace) -> int:
     result = sdk.distill(args.teacher, args.preset, _distill_overrides(args), domains=args.domains,
                          run_name=args.run_name, num_cpus=args.num_cpus)
     s = result.summary
-    rows = [(k, s.get(k)) for k in ("teacher", "domains", "alpha", "temperature", "final_loss", "final_val_loss",
+    rows = [(k, s.get(k)) for k in ("teacher", "init_from", "domains", "alpha", "temperature", "final_loss", "final_val_loss",
                                     "first_val_kl", "final_val_kl", "steps", "tokens", "tokens_per_s", "goodput",
                                     "wall_s", "world_sizes", "restarts")]
     print_table(f"distillation {s['run']}", ["metric", "value"], rows)

@@ -213,6 +213,11 @@ class TrainConfig(StrictModel):
     eval_batches: int = Field(gt=0, description="Micro-batches averaged for one validation loss.")
     log_every: int = Field(gt=0, description="Report metrics every N steps.")
     max_failures: int = Field(ge=-1, description="Worker-group failures to recover from (-1 = unlimited).")
+    init_from: str | None = Field(
+        default=None, description="Start from this model's weights (a registry name or artifact folder) instead of "
+        "a random initialisation: fine-tuning, continued pre-training, or a specialist distilled from a general "
+        "student. Its shape must equal model.*; None = random initialisation.",
+    )
     model: ModelConfig
     data: DataConfig
     optim: OptimConfig
@@ -251,6 +256,8 @@ class TrainConfig(StrictModel):
             fields["data"]["domains"] = sorted(self.data.domains)
         if self.distill.teacher:
             fields["distill"] = self.distill.model_dump()
+        if self.init_from:
+            fields["init_from"] = self.init_from
         fields["global_batch"] = self.parallel.global_batch
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 

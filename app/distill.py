@@ -43,20 +43,6 @@ def kd_loss(
     return total, ce, kl
 
 
-def resolve_teacher(teacher: str) -> tuple[str, dict[str, Any]]:
-    """A teacher given as an artifact folder or a registry name → (absolute location every worker can read, card)."""
-    import json
-    from pathlib import Path
-
-    from app import registry as reg
-
-    folder = Path(teacher)
-    if (folder / reg.CARD).is_file():
-        return str(folder.resolve()), json.loads((folder / reg.CARD).read_text())
-    registry = reg.Registry()
-    return registry.path(teacher), registry.card(teacher)  # an unknown name fails there, naming the closest ones
-
-
 def check_teacher(teacher_card: dict[str, Any], student: ModelConfig, data_tokenizer_sha256: str,
                   teacher_name: str) -> None:
     """Refuse, in one line each, a teacher that cannot teach this student on this data: a different tokenizer,

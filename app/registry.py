@@ -106,6 +106,16 @@ def load_artifact(path_or_name: str | Path, registry: str | None = None) -> Arti
                         "or a registry name (`python -m app models list`)")
 
 
+def locate(path_or_name: str | Path, registry: str | None = None) -> tuple[str, dict[str, Any]]:
+    """An artifact folder or registry name → (absolute location every Ray worker can read, its card), without
+    loading the weights."""
+    folder = Path(path_or_name)
+    if (folder / CARD).is_file():
+        return str(folder.resolve()), json.loads((folder / CARD).read_text())
+    reg = Registry(registry)
+    return reg.path(str(path_or_name)), reg.card(str(path_or_name))  # an unknown name fails naming the closest
+
+
 def machine() -> dict[str, Any]:
     """The machine a measurement ran on: platform, CPU model, CPU count and torch's thread count."""
     import platform

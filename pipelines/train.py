@@ -31,7 +31,7 @@ from app.checkpoint import (
     storage_fs,
     write_marker,
 )
-from app.config import TrainConfig, parse_workers
+from app.config import ModelConfig, TrainConfig, parse_workers
 from app.data import read_manifest
 from app.errors import ConfigError, DataError
 from app.metrics import GoodputLedger
@@ -198,7 +198,8 @@ def _optimizer(cfg: TrainConfig, model):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
 
 
-def _build_engine(cfg: TrainConfig, plan, precision: str, load_universal: bool = False):
+def _build_engine(cfg: TrainConfig, plan, precision: str, load_universal: bool = False,
+                  init_from: str | None = None):
     import deepspeed
     import torch
 
@@ -213,6 +214,10 @@ def _build_engine(cfg: TrainConfig, plan, precision: str, load_universal: bool =
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and for every parallel layout
     model = GPT(cfg.model)
+    if init_from:  # before deepspeed.initialize: ZeRO-3 partitions the parameters there
+        from app.registry import load_artifact
+
+        model.load_state_dict(load_artifact(init_from).model.state_dict())
     if p.pipeline_stages > 1:
         from app.pipeline import build_pipeline_module
 
@@ -342,7 +347,9 @@ def train_loop_per_worker(config: dict) -> None:
     if reshard and pipelined:
         raise ConfigError(f"run '{cfg.name}' was checkpointed at data-parallel size {found.state['dp']}; pipeline "
                           f"runs resume at the same size (set parallel.workers={found.state['world_size']})")
-    engine = _build_engine(cfg, plan, precision, load_universal=reshard)
+    # Starting weights matter only to a fresh run: a checkpoint, when there is one, overwrites them.
+    engine = _build_engine(cfg, plan, precision, load_universal=reshard,
+                           init_from=None if found else config.get("init_from"))
     dp_rank = engine.grid.get_data_parallel_rank() if pipelined else rank
 
     start_step, restore_s, conversion_s = 0, 0.0, 0.0
@@ -753,10 +760,41 @@ def _resolve_teacher(cfg: TrainConfig, data_dir: Path) -> tuple[str | None, dict
     """The teacher's artifact location (absolute, so every worker finds it) and card; checks it can teach."""
     if not cfg.distill.teacher:
         return None, None
-    from app.distill import check_teacher, resolve_teacher
+    from app.distill import check_teacher
+    from app.registry import locate
 
-    location, card = resolve_teacher(cfg.distill.teacher)
+    location, card = locate(cfg.distill.teacher)
     check_teacher(card, cfg.model, read_manifest(data_dir).tokenizer_sha256, cfg.distill.teacher)
+    return location, card
+
+
+SHAPE_FIELDS = ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "mlp_ratio", "bias")
+"""The ModelConfig fields a model's weights depend on (dropout does not)."""
+
+
+def check_init_from(card: dict[str, Any], model: ModelConfig, data_tokenizer_sha256: str, name: str) -> None:
+    """Refuse, in one line, weights that cannot start this run: quantized, another tokenizer, another shape."""
+    if card.get("quantization"):
+        raise ConfigError(f"init_from={name} is quantized ({card['quantization']}); start from the fp32 model it "
+                          "was made from")
+    if card.get("tokenizer_sha256") and card["tokenizer_sha256"] != data_tokenizer_sha256:
+        raise ConfigError(f"init_from={name} was trained with another tokenizer than the data in data.dir; point "
+                          "data.dir at the data it was trained on (its card's 'data' field)")
+    theirs = card["model_config"]
+    differ = [f"model.{k}={theirs[k]}" for k in SHAPE_FIELDS if theirs.get(k) != getattr(model, k)]
+    if differ:
+        raise ConfigError(f"init_from={name} has another shape than this run's model; set {' '.join(differ)} "
+                          "(or start from a model of this shape)")
+
+
+def _resolve_init(cfg: TrainConfig, data_dir: Path) -> tuple[str | None, dict | None]:
+    """The starting weights' artifact location (absolute) and card; checks they fit this run's model."""
+    if not cfg.init_from:
+        return None, None
+    from app.registry import locate
+
+    location, card = locate(cfg.init_from)
+    check_init_from(card, cfg.model, read_manifest(data_dir).tokenizer_sha256, cfg.init_from)
     return location, card
 
 
@@ -819,6 +857,7 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True,
     with ray_session(num_cpus or max(hi * cfg.parallel.cpus_per_worker, 1)):
         _ensure_data(cfg, data_dir, num_cpus)
         teacher, teacher_card = _resolve_teacher(cfg, data_dir)
+        init_from, init_card = _resolve_init(cfg, data_dir)
         use_gpu = _use_gpu(cfg)
         import torch
 
@@ -840,7 +879,7 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True,
             accepted_sizes=accepted, board=board,
             train_loop_config={"cfg": cfg.model_dump(), "board": board, "data_dir": str(data_dir),
                                "config_hash": cfg.config_hash(), "flops_per_token": flops_per_token,
-                               "teacher": teacher, "storage": storage},
+                               "teacher": teacher, "init_from": init_from, "storage": storage},
             scaling_config=ScalingConfig(num_workers=0, use_gpu=use_gpu) if in_process else ScalingConfig(
                 num_workers=hi if lo == hi else (lo, hi), use_gpu=use_gpu, resources_per_worker=resources,
                 elastic_resize_monitor_interval_s=cfg.elastic.resize_monitor_interval_s),
@@ -879,7 +918,7 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True,
     ledger = GoodputLedger({**GoodputLedger().seconds, **ledger_s})
     ledger.seconds["productive"] -= lost_s  # steps computed twice count once
     ledger.add("lost", lost_s)
-    artifact = _export(fs, run_path, cfg, data_dir, history, teacher_card, storage)
+    artifact = _export(fs, run_path, cfg, data_dir, history, teacher_card, storage, init_card)
     summary = _summary(cfg, history, attempts, ledger, wall_s, flops_per_token, lost_steps)
     _write_run_files(fs, run_path, summary, history)
     return TrainResult(run_dir=f"{storage}/{cfg.name}" if "://" in storage else run_path, summary=summary,
@@ -908,6 +947,7 @@ def _summary(cfg: TrainConfig, history, attempts: list[dict], ledger: GoodputLed
     world_sizes = [a["world_size"] for a in attempts]
     return {
         "run": cfg.name,
+        "init_from": cfg.init_from,
         "final_loss": float(history["loss"].iloc[-1]),
         "final_val_loss": float(val.iloc[-1]) if len(val) else None,
         **_distill_summary(cfg, history),
@@ -945,7 +985,7 @@ def _distill_summary(cfg: TrainConfig, history) -> dict[str, Any]:
 
 
 def _export(fs, run_path: str, cfg: TrainConfig, data_dir: Path, history, teacher_card: dict | None = None,
-            storage: str | None = None) -> str | None:
+            storage: str | None = None, init_card: dict | None = None) -> str | None:
     """Consolidate the final checkpoint into fp32 weights, measure the model card's fields (validation loss per
     domain, tokens/s at batch 1 and 16 on this machine), write the artifact next to the checkpoints and publish it
     in the registry ($SCALESTACK_REGISTRY, else STORAGE/registry) under the run's name."""
@@ -969,6 +1009,9 @@ def _export(fs, run_path: str, cfg: TrainConfig, data_dir: Path, history, teache
 
         lineage.update(teacher_lineage(teacher_card, cfg.distill.teacher),
                        alpha=cfg.distill.alpha, temperature=cfg.distill.temperature)
+    if init_card is not None:
+        lineage.update(init_from=cfg.init_from, init_source_run=init_card.get("source_run"),
+                       init_config_hash=init_card.get("config_hash"), init_val_loss=init_card.get("val_loss"))
     card = {"source_run": cfg.name, "config_hash": cfg.config_hash(), "step": found.step,
             "val_loss": float(val.iloc[-1]) if len(val) else None, "data": str(data_dir),
             "domains": cfg.data.domains, "quantization": None, "lineage": lineage}

@@ -88,11 +88,49 @@ def test_distilled_artifact_records_its_lineage(specialist, teacher):
     assert student_params < 0.25 * teacher_params
 
 
+@pytest.fixture(scope="module")
+def warm_specialist(teacher, specialist, mixed_data, storage):
+    """A specialist distilled on from the first one's weights, with ZeRO-3 (whose parameters are partitioned when
+    the engine is built: the starting weights must already be in place)."""
+    return sdk.distill(teacher.artifact, "tiny", [f"data.dir={mixed_data}", f"storage={storage}", *STUDENT,
+                                                  "steps=3", "optim.warmup_steps=1", "eval_every=0", "checkpoint.every_steps=0",
+                                                  "parallel.workers=2", "parallel.zero_stage=3"],
+                       domains=["code"], alpha=0.9, temperature=2.0, init_from=specialist.artifact,
+                       run_name="warm-specialist")
+
+
+@pytest.mark.slow
+def test_a_run_starts_from_the_given_weights(warm_specialist, specialist, teacher, mixed_data):
+    import torch
+
+    from app.data import GlobalOrder, load_tokens, windows
+    from app.distill import kd_loss
+    from app.registry import load_artifact
+
+    # The first step's loss is the one the starting weights give on that step's samples, computed here.
+    cfg = load_config("tiny", [f"data.dir={mixed_data}", *STUDENT, "data.domains=[code]"])
+    stream = load_tokens(mixed_data, "train", domains=["code"])
+    ids = GlobalOrder.for_stream(cfg.data.seed, len(stream), cfg.model.seq_len).sample_ids(0, 8)
+    start, tutor = load_artifact(specialist.artifact).model, load_artifact(teacher.artifact).model
+    halves = []
+    with torch.no_grad():
+        for rank_ids in (ids[:4], ids[4:]):  # 2 workers x one micro-batch of 4: the step's loss is their mean
+            x, y = (torch.from_numpy(a).long() for a in windows(stream, rank_ids, cfg.model.seq_len))
+            halves.append(kd_loss(start(x)[0], tutor(x)[0], y, 0.9, 2.0)[0].item())
+    first = warm_specialist.history["loss"].iloc[0]
+    assert first == pytest.approx(sum(halves) / 2, rel=1e-4)
+    assert warm_specialist.summary["init_from"] == specialist.artifact
+    lineage = json.loads(Path(warm_specialist.artifact, "model_card.json").read_text())["lineage"]
+    assert lineage["init_from"] == specialist.artifact and lineage["init_source_run"] == "tiny-code-specialist"
+
+
 @pytest.mark.slow
 def test_bad_distillation_inputs_fail_in_one_line(teacher, mixed_data, storage):
     base = [f"data.dir={mixed_data}", f"storage={storage}", "name=bad"]
     with pytest.raises(ConfigError, match="longer than the teacher's context"):
         sdk.distill(teacher.artifact, "tiny", [*base, "model.seq_len=128"])
+    with pytest.raises(ConfigError, match="init_from=.* has another shape than this run's model; set model.n_layer=2"):
+        sdk.distill(teacher.artifact, "tiny", [*base, *STUDENT], init_from=teacher.artifact)
     with pytest.raises(DataError, match="choose from \\['code', 'docs'\\]"):
         sdk.distill(teacher.artifact, "tiny", base, domains=["poetry"])
     with pytest.raises(ConfigError, match="distill.teacher is not set"):

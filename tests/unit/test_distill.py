@@ -86,6 +86,29 @@ def test_teacher_checks_name_the_field_and_the_fix():
         check_teacher(_card(quantization="int8-dynamic"), student, "abc", "t")
 
 
+def test_starting_weights_checks_name_the_field_and_the_fix():
+    from pipelines.train import check_init_from
+
+    model = load_config("tiny").model  # 2 layers, 4 heads, width 64, vocab 512, seq_len 64
+    check_init_from(_card(), model, "abc", "m")  # same shape: no error
+    check_init_from(_card(dropout=0.1), model, "abc", "m")  # dropout is not part of the weights
+    with pytest.raises(ConfigError, match=r"set model.n_layer=1 model.d_model=32 \(or start"):
+        check_init_from(_card(n_layer=1, d_model=32), model, "abc", "m")
+    with pytest.raises(ConfigError, match="set model.seq_len=128"):
+        check_init_from(_card(seq_len=128), model, "abc", "m")
+    with pytest.raises(ConfigError, match="init_from=m was trained with another tokenizer"):
+        check_init_from(_card(), model, "different", "m")
+    with pytest.raises(ConfigError, match="init_from=m is quantized"):
+        check_init_from(_card(quantization="int8-dynamic"), model, "abc", "m")
+
+
+def test_starting_weights_change_the_config_hash():
+    base = load_config("tiny")
+    warm = load_config("tiny", ["init_from=some-model"])
+    assert warm.init_from == "some-model" and base.init_from is None
+    assert warm.config_hash() != base.config_hash()  # a resumed run cannot silently switch its starting point
+
+
 def test_distillation_refuses_pipeline_stages():
     with pytest.raises(ConfigError, match="parallel.pipeline_stages=1"):
         load_config("tiny", ["distill.teacher=t", "parallel.pipeline_stages=2"])
