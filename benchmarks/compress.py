@@ -6,7 +6,9 @@ int4 versions — quality, size and speed of every model measured side by side i
 
 Every model trains with the project's own trainer (Ray Train + DeepSpeed, `--workers` workers, ZeRO-2) on the
 teacher preset's data; the student gets the teacher's data, steps and global batch, so (a) and (b) see the same
-tokens. Trained models are kept under --out and reused when the script runs again (they are deterministic);
+tokens. Each specialist is distilled on one domain's data starting from the distilled student (`init_from`); the
+same shape distilled on that domain from scratch, in as many steps, is measured beside it. Trained models are kept
+under --out and reused when the script runs again (they are deterministic);
 the measurements at the end are always taken afresh, all in this process: validation loss per domain on the same
 windows, quality retention exp(L_teacher − L_model), and KV-cached greedy decoding tokens/s at batch 1 and 16
 (--speed-rounds interleaved rounds over all models, the best round of each kept).
@@ -111,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher-preset", default="small")
     ap.add_argument("--steps", type=int, help="optimizer steps of every run (default: the teacher preset's)")
     ap.add_argument("--student", nargs="*", help="student overrides (default: half layers, width and heads)")
+    ap.add_argument("--specialist-steps", type=int,
+                    help="optimizer steps of each specialist's one-domain distillation (default: --steps)")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--workers", default="2")
@@ -140,11 +144,18 @@ def main(argv=None) -> int:
         teacher, args.teacher_preset, [*common, *student], alpha=args.alpha, temperature=args.temperature,
         run_name="student-kd"))
     domains = read_manifest(data_dir).domains
-    specialists = {d: _trained(storage, f"specialist-{d}", lambda d=d: sdk.distill(
-        teacher, args.teacher_preset, [*common, *student], domains=[d], alpha=args.alpha,
+    # A specialist is distilled on one domain, starting from the distilled general student (init_from); the same
+    # student shape distilled on that domain from scratch, in the same steps, is the row it has to beat.
+    spec = [*common, *student, f"steps={args.specialist_steps or steps}"]
+    scratch = {d: _trained(storage, f"specialist-{d}", lambda d=d: sdk.distill(
+        teacher, args.teacher_preset, spec, domains=[d], alpha=args.alpha,
         temperature=args.temperature, run_name=f"specialist-{d}")) for d in domains}
+    specialists = {d: _trained(storage, f"specialist-{d}-from-kd", lambda d=d: sdk.distill(
+        teacher, args.teacher_preset, spec, domains=[d], alpha=args.alpha, temperature=args.temperature,
+        init_from=kd, run_name=f"specialist-{d}-from-kd")) for d in domains}
     models = {"teacher": teacher, "student (no KD)": plain, "student (KD)": kd,
-              **{f"specialist {d}": path for d, path in specialists.items()}}
+              **{f"specialist {d}": path for d, path in specialists.items()},
+              **{f"specialist {d} (scratch)": path for d, path in scratch.items()}}
     for label, path in models.items():
         registry.publish(label.replace(" ", "-").replace("(", "").replace(")", ""), path, overwrite=True)
 
@@ -226,6 +237,7 @@ def main(argv=None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     body = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "platform": platform.platform(),
             "teacher_preset": args.teacher_preset, "steps": steps, "student_overrides": student,
+            "specialist_steps": args.specialist_steps or steps, "specialist_init": "student (KD)",
             "alpha": args.alpha, "temperature": args.temperature, "models": rows, "goals": checks,
             "unsupported": unsupported, "train_and_quantize_s": round(train_s, 1),
             "speed_preset": args.speed_preset, "speed_at_shapes": shape_rows}
