@@ -378,6 +378,8 @@ def run(args: argparse.Namespace) -> int:
             "mean_score": float(np.mean(scores[serving][sel])),
             "escalated_at_30pct_threshold": float(np.mean(scores[serving][sel] < threshold_30)),
             "apgr": {label: apgr(c, qs, qt) for label, c in dc.items()},
+            "share_q95_teacher": {label: share_for_quality(c, GOAL_QUALITY * qt) for label, c in dc.items()},
+            "quality_at_30pct": {label: quality_within(c, GOAL_SHARE) for label, c in dc.items()},
         }
     judged = [f"cascade, {j}" for j in scores]
     print_table("per domain (quality = exp(-loss) of the true continuation, mean over requests; APGR per router)",
@@ -389,6 +391,16 @@ def run(args: argparse.Namespace) -> int:
                  for d, r in per_domain.items()] +
                 [["all", n, f"{Qs:.5f}", f"{Qt:.5f}", f"{Qs / Qt:.1%}", f"{np.mean(q_teacher > q_student):.1%}",
                   *[f"{summary[j]['apgr']:.3f}" for j in judged], f"{summary['oracle']['apgr']:.3f}"]])
+
+    labels = list(curves)
+    print_table(f"per domain: teacher-call share for {GOAL_QUALITY:.0%} of the teacher's quality on that domain "
+                f"(quality at <= {GOAL_SHARE:.0%} calls / Q_t)", ["domain", *[lb.removeprefix("cascade, ").split(" (")[0]
+                                                                  for lb in labels]],
+                [[d, *[f"{_fmt_share(r['share_q95_teacher'][lb])} ({r['quality_at_30pct'][lb] / r['q_teacher']:.1%})"
+                       for lb in labels]] for d, r in per_domain.items()])
+    if Qs >= GOAL_QUALITY * Qt:
+        print(f"note: the cheap model(s) already have {Qs / Qt:.1%} of the teacher's quality with no teacher call; "
+              "PGR divides by Q_t - Q_s, so APGR is not meaningful here (it can leave [0, 1])")
 
     from scipy.stats import spearmanr
 
@@ -407,14 +419,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"{serving} threshold for 30% teacher calls on these requests: {threshold_30:.4f} "
           "(policies.calibrate_threshold)")
     goals = {}
+    degenerate = Qs >= GOAL_QUALITY * Qt  # APGR then measures noise in a tiny Q_t - Q_s: no verdict on it
     for j in judged:
         casc = summary[j]
         share = casc["share_q95_teacher"]
-        goals[j] = {f"APGR >= {GOAL_APGR}": casc["apgr"] >= GOAL_APGR,
+        goals[j] = {f"APGR >= {GOAL_APGR}": None if degenerate else casc["apgr"] >= GOAL_APGR,
                     f">= {GOAL_QUALITY:.0%} of the teacher's quality at <= {GOAL_SHARE:.0%} teacher calls":
                         share is not None and share <= GOAL_SHARE}
         for goal, ok in goals[j].items():
-            print(f"  {'met ' if ok else 'MISS'}  {j}: {goal}")
+            print(f"  {'n/a ' if ok is None else 'met ' if ok else 'MISS'}  {j}: {goal}")
 
     written = None
     if args.write_judge:
