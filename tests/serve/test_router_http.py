@@ -34,7 +34,7 @@ MAIN_POLICY = {"kind": "domain", "default": "teacher",
 pytestmark = pytest.mark.slow
 
 
-def _tiny_artifact(out: Path, seed: int) -> Path:
+def _tiny_artifact(out: Path, seed: int, seq_len: int = 128) -> Path:
     import torch
 
     from app.config import ModelConfig
@@ -45,7 +45,7 @@ def _tiny_artifact(out: Path, seed: int) -> Path:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [(stdlib / f).read_text() for f in ("json/decoder.py", "textwrap.py", "bisect.py")]
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=512, seq_len=128, n_layer=2, n_head=4, d_model=64, mlp_ratio=4, dropout=0.0,
+    cfg = ModelConfig(vocab_size=512, seq_len=seq_len, n_layer=2, n_head=4, d_model=64, mlp_ratio=4, dropout=0.0,
                       bias=True)
     return save_artifact(out, GPT(cfg).state_dict(), cfg, train_tokenizer(texts, 512), {"name": out.name})
 
@@ -149,6 +149,41 @@ def test_streaming_sse_matches_the_non_streamed_answer(server):
     assert {c["object"] for c in chunks} == {"text_completion"}
     assert "".join(c["choices"][0]["text"] for c in chunks) == plain
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_client_that_leaves_a_stream_frees_the_models_row(server, tmp_path):
+    """An HTTP client that closes its stream after the first token: the model's row leaves the batch long before
+    the 1,000 tokens asked for (1,024 context). Behind Serve's proxy, Serve itself cancels the router's request
+    and its child model stream (this passes without the router's own `gen.cancel()` too, which is there for
+    stream timeouts and for direct ingress)."""
+    from ray import serve
+
+    from serve_deployments.lm_server import LMServer
+    from serve_deployments.router import Router
+
+    lm = LMServer.options(name="long", ray_actor_options={"num_cpus": 0.25}).bind(
+        str(_tiny_artifact(tmp_path / "long", 3, seq_len=1024)), "long")
+    serve.run(Router.options(ray_actor_options={"num_cpus": 0.25}).bind({"long": lm}, {"guard": {"rate_per_s": 0}}),
+              name="long", route_prefix="/long")
+    handle = serve.get_deployment_handle("long", "long")
+    try:
+        body = {"prompt": "def", "model": "long", "max_tokens": 1000, "temperature": 0, "stream": True,
+                "stop": ["never-\u2603"]}
+        with post(server, "/long/v1/completions", body, stream=True) as r:
+            assert r.status_code == 200
+            lines = (ln for ln in r.iter_lines(decode_unicode=True) if ln)
+            head, first = json.loads(next(lines)[6:]), json.loads(next(lines)[6:])  # the route, then a token
+        # leaving the `with` closed the connection after the first token
+        assert head["scalestack"]["model"] == "long" and first["choices"][0]["finish_reason"] is None
+        deadline, stats = time.monotonic() + 30, {}
+        while time.monotonic() < deadline:
+            stats = handle.info.remote().result()["batch_stats"]
+            if stats["cancelled"] or stats["steps"] >= 999:
+                break
+            time.sleep(0.05)
+        assert stats["requests"] == 1 and stats["cancelled"] == 1 and stats["steps"] < 999, stats
+    finally:
+        serve.delete("long")
 
 
 def test_official_openai_client(server):
