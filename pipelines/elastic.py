@@ -68,6 +68,7 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         self._pending: _PendingResize | None = None
         self._now = time.monotonic
         self._leaving: set[str] = set()  # nodes seen draining and still on Ray's books
+        self._read_failures = 0  # reads of the reserved resources that failed in a row
 
     def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
         """Ray resizes a running group by restarting it from its last checkpoint, which loses every step since.
@@ -111,9 +112,16 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         try:
             reserved = ray_get(self._autoscaling_coordinator.get_reserved_resources.remote(self._requester_id,
                                                                                           recompute=True))
-        except Exception:  # as Ray's: no decision this time
-            log.warning("could not read the reserved resources; no resize decision this time", exc_info=True)
+        except Exception:  # as Ray's: no decision this time. Said once per outage, not once a second.
+            if not self._read_failures:
+                log.warning("could not read the reserved resources; no resize decision until they can be read",
+                            exc_info=True)
+            self._read_failures += 1
             reserved = None
+        else:
+            if self._read_failures:
+                log.warning("reserved resources readable again after %d failed reads", self._read_failures)
+            self._read_failures = 0
         self._latest_reserved_resources_query_time = time.monotonic()
         self._latest_reserved_resources = reserved
         return reserved

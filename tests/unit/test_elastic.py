@@ -76,6 +76,40 @@ def test_the_restart_size_comes_from_a_fresh_view_of_the_cluster(monkeypatch):
     assert calls == [("train-x", True)] * 2
 
 
+def test_an_unreadable_coordinator_is_reported_once_per_outage(monkeypatch, caplog):
+    """No resize decision while the coordinator cannot be read (as Ray's own policy), with one warning when that
+    starts and one when it ends, not one a second."""
+    import logging
+    from types import SimpleNamespace
+
+    from pipelines import elastic
+
+    up = {"ok": False}
+
+    def get_reserved_resources(requester, recompute=False):
+        if not up["ok"]:
+            raise ConnectionError("GCS unreachable")
+        return {"a" * 56: {"CPU": 1.0}}
+
+    coordinator = SimpleNamespace(get_reserved_resources=SimpleNamespace(remote=get_reserved_resources))
+    monkeypatch.setattr(elastic, "ray_get", lambda value, timeout=5.0: value)
+    policy = elastic.AcceptedSizesScalingPolicy(
+        ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2])
+    policy._requester_id = "train-x"
+    policy._coordinator_client = SimpleNamespace(_autoscaling_coordinator=coordinator)
+    with caplog.at_level(logging.WARNING, logger=elastic.log.name):
+        for _ in range(5):
+            policy._latest_reserved_resources_query_time = float("-inf")
+            assert policy._get_reserved_resources() is None
+        up["ok"] = True
+        policy._latest_reserved_resources_query_time = float("-inf")
+        assert policy._get_reserved_resources() == {"a" * 56: {"CPU": 1.0}}
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert "could not read the reserved resources" in messages[0]
+    assert messages[1] == "reserved resources readable again after 5 failed reads"
+
+
 def test_draining_nodes_asks_ray_core(ray_local):
     import ray
 
