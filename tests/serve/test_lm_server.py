@@ -22,6 +22,7 @@ from app.registry import load_artifact, save_artifact
 from app.tokenizer import train_tokenizer
 from serve_deployments.decoding import DecodeBatch, Sequence
 from serve_deployments.lm_server import embed_batch, score_batch
+from tests.serve.helpers import batch_stats_when
 
 TINY = dict(vocab_size=512, seq_len=64, n_layer=2, n_head=4, d_model=64, mlp_ratio=4, dropout=0.0, bias=True)
 
@@ -292,12 +293,7 @@ def test_a_client_that_drops_its_stream_frees_its_row(server, tmp_path) -> None:
             {"prompt": "def", "max_tokens": 1000, "temperature": 0, "stop": ["never-\u2603"]})
         first = next(stream)
         stream.cancel()
-        deadline, stats = time.monotonic() + 20, {}
-        while time.monotonic() < deadline:
-            stats = handle.info.remote().result()["batch_stats"]
-            if stats["cancelled"] or stats["steps"] >= 999:
-                break
-            time.sleep(0.05)
+        stats = batch_stats_when(handle, lambda st: st["cancelled"] or st["steps"] >= 999, 20)
         assert first["finish_reason"] is None
         assert stats["cancelled"] == 1 and stats["steps"] < 999
     finally:

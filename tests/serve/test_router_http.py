@@ -20,6 +20,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 
 from pipelines.ray_session import free_port
+from tests.serve.helpers import batch_stats_when
 from serve_deployments.router import app as router_app
 
 KEY, FLOOD_KEY, CACHE_KEY = "sk-test-main", "sk-test-flood", "sk-test-cache"  # one rate-limit bucket each
@@ -175,12 +176,7 @@ def test_a_client_that_leaves_a_stream_frees_the_models_row(server, tmp_path):
             head, first = json.loads(next(lines)[6:]), json.loads(next(lines)[6:])  # the route, then a token
         # leaving the `with` closed the connection after the first token
         assert head["scalestack"]["model"] == "long" and first["choices"][0]["finish_reason"] is None
-        deadline, stats = time.monotonic() + 30, {}
-        while time.monotonic() < deadline:
-            stats = handle.info.remote().result()["batch_stats"]
-            if stats["cancelled"] or stats["steps"] >= 999:
-                break
-            time.sleep(0.05)
+        stats = batch_stats_when(handle, lambda st: st["cancelled"] or st["steps"] >= 999, 30)
         assert stats["requests"] == 1 and stats["cancelled"] == 1 and stats["steps"] < 999, stats
     finally:
         serve.delete("long")

@@ -45,18 +45,11 @@ def test_a_draining_node_is_not_counted_for_a_restart(monkeypatch):
     assert policy._leaving == set()  # b and c are off Ray's books: forgotten
 
 
-def test_the_restart_size_comes_from_a_fresh_view_of_the_cluster(monkeypatch):
-    """Ray's coordinator re-reads the node list every 20 s; the policy asks it to re-read first (a dead node not
-    counted, a new one seen at once), and no more than once a second."""
+def _policy_reading(get_reserved_resources, monkeypatch):
+    """A 1:2 policy whose Ray autoscaling coordinator is `get_reserved_resources(requester, recompute)`."""
     from types import SimpleNamespace
 
     from pipelines import elastic
-
-    calls = []
-
-    def get_reserved_resources(requester, recompute=False):
-        calls.append((requester, recompute))
-        return {"a" * 56: {"CPU": 1.0}}
 
     coordinator = SimpleNamespace(get_reserved_resources=SimpleNamespace(remote=get_reserved_resources))
     monkeypatch.setattr(elastic, "ray_get", lambda value, timeout=5.0: value)
@@ -65,6 +58,21 @@ def test_the_restart_size_comes_from_a_fresh_view_of_the_cluster(monkeypatch):
     policy._requester_id = "train-x"
     policy._coordinator_client = SimpleNamespace(_autoscaling_coordinator=coordinator,
                                                  maybe_send_resource_request=lambda *args: None)
+    return policy
+
+
+def test_the_restart_size_comes_from_a_fresh_view_of_the_cluster(monkeypatch):
+    """Ray's coordinator re-reads the node list every 20 s; the policy asks it to re-read first (a dead node not
+    counted, a new one seen at once), and no more than once a second."""
+    from pipelines import elastic
+
+    calls = []
+
+    def get_reserved_resources(requester, recompute=False):
+        calls.append((requester, recompute))
+        return {"a" * 56: {"CPU": 1.0}}
+
+    policy = _policy_reading(get_reserved_resources, monkeypatch)
     monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
     decision = policy.make_decision_for_non_running_worker_group()
     assert decision.num_workers == 1
@@ -80,7 +88,6 @@ def test_an_unreadable_coordinator_is_reported_once_per_outage(monkeypatch, capl
     """No resize decision while the coordinator cannot be read (as Ray's own policy), with one warning when that
     starts and one when it ends, not one a second."""
     import logging
-    from types import SimpleNamespace
 
     from pipelines import elastic
 
@@ -91,12 +98,7 @@ def test_an_unreadable_coordinator_is_reported_once_per_outage(monkeypatch, capl
             raise ConnectionError("GCS unreachable")
         return {"a" * 56: {"CPU": 1.0}}
 
-    coordinator = SimpleNamespace(get_reserved_resources=SimpleNamespace(remote=get_reserved_resources))
-    monkeypatch.setattr(elastic, "ray_get", lambda value, timeout=5.0: value)
-    policy = elastic.AcceptedSizesScalingPolicy(
-        ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2])
-    policy._requester_id = "train-x"
-    policy._coordinator_client = SimpleNamespace(_autoscaling_coordinator=coordinator)
+    policy = _policy_reading(get_reserved_resources, monkeypatch)
     with caplog.at_level(logging.WARNING, logger=elastic.log.name):
         for _ in range(5):
             policy._latest_reserved_resources_query_time = float("-inf")
