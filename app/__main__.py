@@ -383,9 +383,10 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a registry name or an artifact folder (e.g. runs/NAME/artifact)")
     p.add_argument("--method", default="int8", choices=["int8", "int8-weight-only", "int4", "qat"],
                    help="int8: dynamic int8 activations + int8 weights; int8-weight-only; int4: int4 weight-only "
-                        "(needs a kernel this machine may lack); qat: int8 after quantization-aware fine-tuning")
-    p.add_argument("--backend", default="auto", choices=["auto", "torchao", "torch.ao"],
-                   help="auto: torch.ao for int8 (faster on x86 CPUs), torchao otherwise")
+                        "(torchao's kernel, else torch's CPU one); qat: int8 after quantization-aware fine-tuning")
+    p.add_argument("--backend", default="auto", choices=["auto", "torchao", "torch.ao", "aten"],
+                   help="auto: torch.ao for int8 (faster on x86 CPUs), torchao otherwise, and for int4 torch's own "
+                        "CPU kernel (aten) where torchao has none")
     p.add_argument("--name", help="registry name of the result (default: PARENT-METHOD)")
     _add_registry(p)
     p.add_argument("--data", help="prepared data folder (default: the model card's data)")

@@ -10,9 +10,12 @@ fp32 table) because on this CPU the head is a large share of decoding time.
 Backends. ``int8`` runs on torch.ao's fbgemm dynamic quantization by default: on x86 CPUs torchao 0.18's int8
 path is an eager ``torch._int_mm`` that decodes 2–6× *slower* than fp32 here, while fbgemm's prepacked int8 GEMM
 is faster than fp32 at the `small` preset's width (README, "Models"). ``backend="torchao"`` picks torchao anyway.
-``int8-weight-only`` exists only in torchao. ``int4`` (torchao ``Int4WeightOnlyConfig``) needs CUDA, the mslk
-kernels or ARM KleidiAI; where none is present it fails naming the methods that do run. A torchao failure for
-``int8`` on this machine falls back to torch.ao and says so (``QuantSpec.fallback``).
+``int8-weight-only`` exists only in torchao. ``int4`` uses torchao's ``Int4WeightOnlyConfig`` where one of its
+kernels runs (CUDA, the mslk kernels or ARM KleidiAI); elsewhere — a plain x86 CPU — ``auto`` falls back to torch's
+own CPU int4 kernel (backend ``aten``: ``_weight_int4pack_mm_for_cpu``, asymmetric int4 per group of 32 weights,
+`Int4Linear`) and says why (``QuantSpec.fallback``). It is correct but slow on CPUs without the vector paths that
+kernel is tuned for (README, "Compression"). A torchao failure for ``int8`` on this machine falls back to torch.ao
+and says so.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from app.model import GPT
 # CLI method name -> what the model card calls the result.
 METHODS = {"int8": "int8-dynamic", "int8-weight-only": "int8-weight-only", "int4": "int4-weight-only",
            "qat": "int8-dynamic"}
-BACKENDS = ("auto", "torchao", "torch.ao")
+BACKENDS = ("auto", "torchao", "torch.ao", "aten")
 INT4_GROUP_SIZE = 32  # weights per int4 scale; divides every width the presets use
 _PARTS = ("qdata", "scale", "zero_point")  # names of a quantized weight's stored tensors: LAYER.weight.PART
 
@@ -48,7 +51,7 @@ class QuantSpec:
     """How a model was quantized: enough to rebuild its modules from stored tensors."""
 
     method: str  # "int8-dynamic" | "int8-weight-only" | "int4-weight-only"
-    backend: str  # "torchao" | "torch.ao"
+    backend: str  # "torchao" | "torch.ao" | "aten" (int4 only)
     layers: tuple[str, ...]  # fully-qualified names of the quantized nn.Linear modules
     fallback: str | None = None  # why the requested backend did not run, when another one did
     storage: str = field(default="")  # how the weights sit in model.safetensors (for readers of the card)
@@ -80,6 +83,52 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
+class Int4Linear(nn.Module):
+    """A Linear with int4 weights for torch's CPU kernel: per group of INT4_GROUP_SIZE input weights, q in 0..15
+    with w ≈ (q − 8)·scale + zero. Stores the plain values (two 4-bit values per byte, the first in the high
+    nibble) for the artifact, and the kernel's packed copy, made from them on load."""
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qdata.shape[0], 2 * qdata.shape[1]
+        self.register_buffer("qdata", qdata.contiguous())  # uint8 [out, in / 2]
+        self.register_buffer("scale", scale.contiguous())  # fp32 [out, in / group]
+        self.register_buffer("zero_point", zero_point.contiguous())  # fp32 [out, in / group]
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        values = torch.stack([qdata >> 4, qdata & 15], dim=-1).reshape(self.out_features, self.in_features)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.int(), 8),
+                             persistent=False)
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero_point], -1).transpose(0, 1).contiguous(),
+                             persistent=False)  # [in / group, out, 2], the kernel's layout
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
+        w = linear.weight.detach().float()
+        out_f, in_f = w.shape
+        if in_f % INT4_GROUP_SIZE or out_f % 16:
+            raise QuantizeError(f"--method int4 on CPU needs layers with a multiple of {INT4_GROUP_SIZE} inputs and "
+                                f"of 16 outputs (torch's kernel); one has {in_f} inputs and {out_f} outputs: use "
+                                "int8, or a model whose widths and vocabulary are multiples of 32")
+        groups = w.reshape(out_f, in_f // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        values = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+        values = values.reshape(out_f, in_f)
+        qdata = (values[:, 0::2] << 4) | values[:, 1::2]
+        return cls(qdata, scale, low + 8 * scale, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={INT4_GROUP_SIZE}"
+
+
 def linear_layers(model: nn.Module) -> tuple[str, ...]:
     """Names of the model's nn.Linear modules (attention, MLP and the output head), in module order."""
     return tuple(name for name, mod in model.named_modules() if type(mod) is nn.Linear)
@@ -91,7 +140,7 @@ def is_quantized(model: nn.Module) -> bool:
 
     with _quiet():
         from torchao.utils import TorchAOBaseTensor
-    return any(isinstance(m, DynamicLinear) or isinstance(getattr(m, "weight", None), TorchAOBaseTensor)
+    return any(isinstance(m, (DynamicLinear, Int4Linear)) or isinstance(getattr(m, "weight", None), TorchAOBaseTensor)
                for m in model.modules())
 
 
@@ -112,6 +161,12 @@ def _torchao_config(method: str):
 def _apply(model: GPT, method: str, backend: str, layers: tuple[str, ...]) -> GPT:
     """Quantize `layers` of `model` with one backend (in place for torchao; torch.ao swaps modules)."""
     wanted = set(layers)
+    if backend == "aten":
+        for name in layers:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, Int4Linear.from_linear(getattr(parent, child)))
+        return model
     with _quiet():
         if backend == "torchao":
             from torchao.quantization import quantize_
@@ -143,6 +198,32 @@ def _int4_unavailable() -> str | None:
     return "; ".join(reasons)
 
 
+def _aten_int4_unavailable() -> str | None:
+    """Why torch's own CPU int4 kernel cannot run here (None when it does)."""
+    try:
+        probe = Int4Linear.from_linear(nn.Linear(2 * INT4_GROUP_SIZE, 16))
+        probe(torch.zeros(1, 2 * INT4_GROUP_SIZE))
+        return None
+    except Exception as err:  # an old torch without the op, or a build without it
+        return f"aten: {str(err).splitlines()[0][:80]}"
+
+
+def _int4_backend(backend: str) -> tuple[str, str | None]:
+    """(the backend that runs int4 here, why it is not torchao when auto fell back) for the requested backend
+    ("auto", "torchao" or "aten"); QuantizeError in one line when it cannot run."""
+    torchao_why = None if backend == "aten" else _int4_unavailable()
+    if torchao_why is None and backend != "aten":
+        return "torchao", None
+    aten_why = _aten_int4_unavailable()
+    if aten_why is None and backend != "torchao":
+        fallback = None if backend == "aten" else f"torchao {_torchao_version()} has no int4 kernel here ({torchao_why})"
+        return "aten", fallback
+    why = "; ".join(w for w in (torchao_why, aten_why) if w)
+    hint = "use --backend auto or aten" if aten_why is None else "methods that run here: int8, int8-weight-only, qat"
+    raise QuantizeError(f"--method int4 --backend {backend}: no int4 weight-only kernel for it on this machine "
+                        f"(torchao {_torchao_version()} needs CUDA, mslk or ARM KleidiAI; {why}); {hint}")
+
+
 def check_method(method: str, backend: str = "auto") -> None:
     """Fail (one line) unless `method` with `backend` can run on this machine; cheap, so callers check first."""
     if method not in METHODS:
@@ -151,12 +232,11 @@ def check_method(method: str, backend: str = "auto") -> None:
         raise QuantizeError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if METHODS[method] != "int8-dynamic" and backend == "torch.ao":
         raise QuantizeError(f"--method {method} exists only in torchao; use --backend torchao or auto")
+    if backend == "aten" and METHODS[method] != "int4-weight-only":
+        raise QuantizeError(f"--backend aten is torch's CPU int4 kernel; for --method {method} use auto, torchao "
+                            "or torch.ao")
     if METHODS[method] == "int4-weight-only":
-        why = _int4_unavailable()
-        if why is not None:
-            raise QuantizeError(f"--method int4: torchao {_torchao_version()} has no int4 weight-only kernel on this "
-                                f"machine (CPU without CUDA, mslk or ARM KleidiAI: {why}); methods that run here: "
-                                "int8, int8-weight-only, qat")
+        _int4_backend(backend)
 
 
 def quantize(model: GPT, method: str, backend: str = "auto") -> tuple[GPT, QuantSpec]:
@@ -173,8 +253,10 @@ def quantize(model: GPT, method: str, backend: str = "auto") -> tuple[GPT, Quant
         raise QuantizeError("the model is already quantized; quantize its fp32 parent instead")
     card_method = METHODS[method]
     chosen = ("torch.ao" if card_method == "int8-dynamic" else "torchao") if backend == "auto" else backend
-    layers = linear_layers(model)
     fallback = None
+    if card_method == "int4-weight-only":
+        chosen, fallback = _int4_backend(backend)
+    layers = linear_layers(model)
     try:
         qmodel = _apply(copy.deepcopy(model), card_method, chosen, layers)
         with torch.no_grad():
@@ -200,6 +282,9 @@ def _storage(qmodel: GPT, backend: str, layer: str) -> str:
     if backend == "torch.ao":
         return ("LAYER.weight.qdata (int8) + .scale + .zero_point (per output channel) in model.safetensors; "
                 "rebuilt as torch.ao dynamic quantized Linear modules")
+    if backend == "aten":
+        return (f"LAYER.weight.qdata (uint8, two int4 values per byte) + .scale + .zero_point (fp32, per group of "
+                f"{INT4_GROUP_SIZE} inputs) in model.safetensors; rebuilt as Int4Linear for torch's CPU int4 kernel")
     module = dict(qmodel.named_modules())[layer]
     weight, parts = module.weight, ", ".join(sorted(_weight_parts(module, backend)))
     return (f"LAYER.weight.{{{parts}}} (the data tensors of torchao's {type(weight).__name__}, qdata {weight.qdata.dtype}"
@@ -210,6 +295,8 @@ def _storage(qmodel: GPT, backend: str, layer: str) -> str:
 
 
 def _weight_parts(mod: nn.Module, backend: str) -> dict[str, torch.Tensor]:
+    if backend == "aten":
+        return {"qdata": mod.qdata, "scale": mod.scale, "zero_point": mod.zero_point}
     if backend == "torch.ao":
         w = mod.weight()  # a per-channel quantized tensor
         return {"qdata": w.int_repr(), "scale": w.q_per_channel_scales(),
@@ -246,6 +333,13 @@ def restore(model: GPT, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> GP
     missing, unexpected = model.load_state_dict(fp32, strict=False)
     assert not unexpected and set(missing) <= {f"{n}.weight" for n in spec.layers} | {TIED_NAME}, (missing,
                                                                                                     unexpected)
+    if spec.backend == "aten":  # built straight from the stored values
+        for name in spec.layers:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, Int4Linear(*(tensors[f"{name}.weight.{p}"] for p in _PARTS),
+                                              tensors.get(f"{name}.bias")))
+        return model.eval()
     model = _apply(model, spec.method, spec.backend, spec.layers)
     modules = dict(model.named_modules())
     for name in spec.layers:
