@@ -73,6 +73,7 @@ def _speed_at_shape(preset: str, rounds: int) -> dict[str, dict]:
     import torch
 
     from app.config import load_config
+    from app.errors import UserError
     from app.model import GPT
     from app.quantize import quantize
 
@@ -82,9 +83,14 @@ def _speed_at_shape(preset: str, rounds: int) -> dict[str, dict]:
     student = GPT(load_config(preset, _student_shape(teacher_cfg)).model).eval()
     student_int8, _ = quantize(student, "int8")
     models = {"teacher": teacher, "student": student, "student int8": student_int8.eval()}
+    try:
+        models["student int4"] = quantize(student, "int4")[0].eval()
+    except UserError:  # no int4 kernel at all here: the main table says why
+        pass
     speeds = _interleaved_speeds(models, rounds, f"tokens/s at {preset} shapes")
     params = {"teacher": teacher.num_params(non_embedding=False), "student": student.num_params(non_embedding=False)}
-    params["student int8"] = params["student"]  # the same weights, stored as int8 (no longer nn.Parameters)
+    for name in ("student int8", "student int4"):  # the same weights, quantized (no longer nn.Parameters)
+        params[name] = params["student"]
     return {name: {"parameters": params[name], "tokens_per_s": speeds[name]} for name in models}
 
 
@@ -160,12 +166,13 @@ def main(argv=None) -> int:
         registry.publish(label.replace(" ", "-").replace("(", "").replace(")", ""), path, overwrite=True)
 
     # ---- quantize the distilled student -------------------------------------------------------------------------
-    unsupported = {}
+    unsupported, backends = {}, {}
     for method in ("int8", "int4"):
         try:
             q = sdk.quantize(kd, method, name=f"student-kd-{method}", registry=registry.root, data=data_dir,
                              overwrite=True)
             models[f"student (KD) {method}"] = registry.path(f"student-kd-{method}")
+            backends[method] = q.backend
             del q
         except UserError as err:
             unsupported[method] = str(err)
@@ -213,6 +220,12 @@ def main(argv=None) -> int:
         checks[list(GOALS)[4]] = speed_vs_teacher >= 3.0
         print(f"int8 vs fp32 student: loss +{rel:.2%} (worst domain), speed x{speed_vs_student:.2f} (worst batch); "
               f"vs fp32 teacher: speed x{speed_vs_teacher:.2f}")
+    q4 = rows.get("student (KD) int4")
+    if q4:
+        rel4 = max(q4["val_loss"][d] / kd_r["val_loss"][d] - 1 for d in domains)
+        speed4 = min(q4["tokens_per_s"][b] / kd_r["tokens_per_s"][b] for b in ("1", "16"))
+        print(f"int4 ({backends['int4']} backend) vs fp32 student: loss +{rel4:.2%} (worst domain), speed "
+              f"x{speed4:.2f} (worst batch), bytes x{q4['bytes'] / kd_r['bytes']:.2f}")
     print(f"student = {student_params / rows['teacher']['parameters']:.1%} of the teacher's parameters "
           f"({' '.join(student)})")
     if shape_rows:
@@ -239,7 +252,7 @@ def main(argv=None) -> int:
             "teacher_preset": args.teacher_preset, "steps": steps, "student_overrides": student,
             "specialist_steps": args.specialist_steps or steps, "specialist_init": "student (KD)",
             "alpha": args.alpha, "temperature": args.temperature, "models": rows, "goals": checks,
-            "unsupported": unsupported, "train_and_quantize_s": round(train_s, 1),
+            "unsupported": unsupported, "quantization_backends": backends, "train_and_quantize_s": round(train_s, 1),
             "speed_preset": args.speed_preset, "speed_at_shapes": shape_rows}
     (results / "compress.json").write_text(json.dumps(body, indent=2))
     print(f"wrote {results / 'compress.json'}")
