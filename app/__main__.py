@@ -405,7 +405,7 @@ def _quantize(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite)
     print_table(f"{r.name}: {r.after.quantization} ({r.backend})", r.columns(), r.rows())
     if r.fallback:
-        print(f"backend: {r.fallback}; ran torch.ao dynamic quantization instead")
+        print(f"backend: {r.fallback}; ran {r.backend} instead")
     if r.qat_losses:
         print(f"QAT: {len(r.qat_losses)} steps, training loss {r.qat_losses[0]:.3f} -> {r.qat_losses[-1]:.3f}")
     print(f"published {r.name} to {_short(r.path)}")
