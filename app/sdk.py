@@ -124,7 +124,8 @@ def info(preset: str = "base", overrides: Sequence[str] = ()) -> ModelInfo:
 def train(preset: str | TrainConfig = "tiny", overrides: Sequence[str] = (), *, num_cpus: int | None = None):
     """Train with Ray Train + DeepSpeed on embedded Ray (or the cluster at RAY_ADDRESS). Returns a `TrainResult`
     (summary metrics, run folder, exported artifact, loss history as a DataFrame). A run name that already has
-    checkpoints resumes from the newest intact one."""
+    checkpoints resumes from the newest intact one. The override `init_from=MODEL` (a registry name or artifact
+    folder of the same shape) starts from that model's weights instead of a random initialisation."""
     from pipelines import train as pipeline
 
     cfg = preset if isinstance(preset, TrainConfig) else load_config(preset, list(overrides))
