@@ -146,9 +146,9 @@ def _distill(args: argparse.Namespace) -> int:
     result = sdk.distill(args.teacher, args.preset, _distill_overrides(args), domains=args.domains,
                          run_name=args.run_name, num_cpus=args.num_cpus)
     s = result.summary
-    rows = [(k, s.get(k)) for k in ("teacher", "init_from", "domains", "alpha", "temperature", "final_loss", "final_val_loss",
-                                    "first_val_kl", "final_val_kl", "steps", "tokens", "tokens_per_s", "goodput",
-                                    "wall_s", "world_sizes", "restarts")]
+    rows = [(k, s.get(k)) for k in ("teacher", "init_from", "domains", "alpha", "temperature", "final_loss",
+                                    "final_val_loss", "first_val_kl", "final_val_kl", "steps", "tokens",
+                                    "tokens_per_s", "goodput", "wall_s", "world_sizes", "restarts")]
     print_table(f"distillation {s['run']}", ["metric", "value"], rows)
     print(f"run folder {result.run_dir}; artifact {result.artifact}")
     args.result = {**s, "run_dir": result.run_dir, "artifact": result.artifact}

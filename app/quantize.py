@@ -13,9 +13,9 @@ is faster than fp32 at the `small` preset's width (README, "Models"). ``backend=
 ``int8-weight-only`` exists only in torchao. ``int4`` uses torchao's ``Int4WeightOnlyConfig`` where one of its
 kernels runs (CUDA, the mslk kernels or ARM KleidiAI); elsewhere — a plain x86 CPU — ``auto`` falls back to torch's
 own CPU int4 kernel (backend ``aten``: ``_weight_int4pack_mm_for_cpu``, asymmetric int4 per group of 32 weights,
-`Int4Linear`) and says why (``QuantSpec.fallback``). It is correct but slow on CPUs without the vector paths that
-kernel is tuned for (README, "Compression"). A torchao failure for ``int8`` on this machine falls back to torch.ao
-and says so.
+`Int4Linear`) and says why (``QuantSpec.fallback``). It is exact to its int4 values but slower than fp32 on the
+development machine's CPU (README, "Compression"). A torchao failure for ``int8`` on this machine falls back to
+torch.ao and says so.
 """
 
 from __future__ import annotations
@@ -216,8 +216,9 @@ def _int4_backend(backend: str) -> tuple[str, str | None]:
         return "torchao", None
     aten_why = _aten_int4_unavailable()
     if aten_why is None and backend != "torchao":
-        fallback = None if backend == "aten" else f"torchao {_torchao_version()} has no int4 kernel here ({torchao_why})"
-        return "aten", fallback
+        if backend == "aten":
+            return "aten", None
+        return "aten", f"torchao {_torchao_version()} has no int4 kernel here ({torchao_why})"
     why = "; ".join(w for w in (torchao_why, aten_why) if w)
     hint = "use --backend auto or aten" if aten_why is None else "methods that run here: int8, int8-weight-only, qat"
     raise QuantizeError(f"--method int4 --backend {backend}: no int4 weight-only kernel for it on this machine "
@@ -243,8 +244,8 @@ def quantize(model: GPT, method: str, backend: str = "auto") -> tuple[GPT, Quant
     """A quantized copy of fp32 `model` (left untouched) and the spec that rebuilds it.
 
     method: "int8" (dynamic int8 activations + int8 weights), "int8-weight-only", "int4" (int4 weight-only);
-    "qat" is `qat_finetune` followed by "int8". backend: "auto" (torch.ao for int8, torchao otherwise),
-    "torchao" or "torch.ao".
+    "qat" is `qat_finetune` followed by "int8". backend: "auto" (torch.ao for int8, torchao otherwise, and for
+    int4 torch's own CPU kernel where torchao has none), "torchao", "torch.ao" or "aten" (int4 only).
     """
     if method == "qat":
         raise QuantizeError("qat fine-tunes before quantizing: call qat_finetune, then quantize(model, 'int8')")

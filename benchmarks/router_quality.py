@@ -393,9 +393,9 @@ def run(args: argparse.Namespace) -> int:
                   *[f"{summary[j]['apgr']:.3f}" for j in judged], f"{summary['oracle']['apgr']:.3f}"]])
 
     labels = list(curves)
+    short = [lb.removeprefix("cascade, ").split(" (")[0] for lb in labels]
     print_table(f"per domain: teacher-call share for {GOAL_QUALITY:.0%} of the teacher's quality on that domain "
-                f"(quality at <= {GOAL_SHARE:.0%} calls / Q_t)", ["domain", *[lb.removeprefix("cascade, ").split(" (")[0]
-                                                                  for lb in labels]],
+                f"(quality at <= {GOAL_SHARE:.0%} calls / Q_t)", ["domain", *short],
                 [[d, *[f"{_fmt_share(r['share_q95_teacher'][lb])} ({r['quality_at_30pct'][lb] / r['q_teacher']:.1%})"
                        for lb in labels]] for d, r in per_domain.items()])
     if Qs >= GOAL_QUALITY * Qt:

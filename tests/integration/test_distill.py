@@ -93,7 +93,8 @@ def warm_specialist(teacher, specialist, mixed_data, storage):
     """A specialist distilled on from the first one's weights, with ZeRO-3 (whose parameters are partitioned when
     the engine is built: the starting weights must already be in place)."""
     return sdk.distill(teacher.artifact, "tiny", [f"data.dir={mixed_data}", f"storage={storage}", *STUDENT,
-                                                  "steps=3", "optim.warmup_steps=1", "eval_every=0", "checkpoint.every_steps=0",
+                                                  "steps=3", "optim.warmup_steps=1", "eval_every=0",
+                                                  "checkpoint.every_steps=0",
                                                   "parallel.workers=2", "parallel.zero_stage=3"],
                        domains=["code"], alpha=0.9, temperature=2.0, init_from=specialist.artifact,
                        run_name="warm-specialist")
