@@ -99,8 +99,10 @@ class Int4Linear(nn.Module):
         values = torch.stack([qdata >> 4, qdata & 15], dim=-1).reshape(self.out_features, self.in_features)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.int(), 8),
                              persistent=False)
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero_point], -1).transpose(0, 1).contiguous(),
-                             persistent=False)  # [in / group, out, 2], the kernel's layout
+        # [in / group, out, 2], the kernel's layout, in bf16: with bf16 activations the kernel takes its vectorised
+        # path (on this CPU ~20x faster than with fp32 ones, and faster than the fp32 GEMM)
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero_point], -1).transpose(0, 1)
+                             .to(torch.bfloat16).contiguous(), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
@@ -119,8 +121,9 @@ class Int4Linear(nn.Module):
         return cls(qdata, scale, low + 8 * scale, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).float().contiguous()
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
+        out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
