@@ -13,9 +13,8 @@ is faster than fp32 at the `small` preset's width (README, "Models"). ``backend=
 ``int8-weight-only`` exists only in torchao. ``int4`` uses torchao's ``Int4WeightOnlyConfig`` where one of its
 kernels runs (CUDA, the mslk kernels or ARM KleidiAI); elsewhere — a plain x86 CPU — ``auto`` falls back to torch's
 own CPU int4 kernel (backend ``aten``: ``_weight_int4pack_mm_for_cpu``, asymmetric int4 per group of 32 weights,
-`Int4Linear`) and says why (``QuantSpec.fallback``). It is exact to its int4 values but slower than fp32 on the
-development machine's CPU (README, "Compression"). A torchao failure for ``int8`` on this machine falls back to
-torch.ao and says so.
+`Int4Linear`, with bf16 activations: the kernel's vectorised path) and says why (``QuantSpec.fallback``). A
+torchao failure for ``int8`` on this machine falls back to torch.ao and says so.
 """
 
 from __future__ import annotations
