@@ -307,8 +307,8 @@ def quantize(model: str | Path, method: str = "int8", *, name: str | None = None
              batch_size: int = 8, batches: int = 8, overwrite: bool = False):
     """Quantize `model` (a registry name or artifact folder) and publish the result in the registry as `name`
     (default PARENT-METHOD). method: "int8" (dynamic activations + int8 weights), "int8-weight-only", "int4"
-    (int4 weight-only, where a kernel exists), "qat" (`steps` of quantization-aware fine-tuning on `data`'s
-    training split, then int8). Returns a `QuantizeResult`: fp32 vs quantized size, val loss per domain and
+    (int4 weight-only: torchao's kernel, else torch's own CPU one), "qat" (`steps` of quantization-aware
+    fine-tuning on `data`'s training split, then int8). Returns a `QuantizeResult`: fp32 vs quantized size, val loss per domain and
     tokens/s, the backend that ran and the published card."""
     from pipelines import quantize as pipeline
 
