@@ -128,6 +128,29 @@ def test_int4_runs_on_torchs_cpu_kernel_where_torchao_has_none(parent, batch, tm
     assert sizes["int4"] < sizes["int8"] < art.card["bytes"], sizes
 
 
+def test_int4_linear_computes_with_its_stored_int4_values():
+    """Int4Linear against its own definition: weight = (q − 8)·scale + zero per group of 32 inputs, q the stored
+    nibbles (high nibble first), with the activations rounded to bf16 as the kernel reads them. Also: every weight
+    is within half a step of the fp32 one it came from."""
+    from app.quantize import INT4_GROUP_SIZE, Int4Linear, _aten_int4_unavailable
+
+    if _aten_int4_unavailable() is not None:
+        pytest.skip(f"this torch has no CPU int4 kernel: {_aten_int4_unavailable()}")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    layer = Int4Linear.from_linear(linear)
+    q = torch.stack([layer.qdata >> 4, layer.qdata & 15], -1).reshape(48, 64).float()
+    scale = layer.scale.repeat_interleave(INT4_GROUP_SIZE, 1)
+    weight = (q - 8) * scale + layer.zero_point.repeat_interleave(INT4_GROUP_SIZE, 1)
+    assert ((weight - linear.weight).abs() <= scale / 2 + 1e-6).all()
+    x = torch.randn(2, 5, 64)
+    expected = x.bfloat16().float() @ weight.bfloat16().float().t() + linear.bias
+    with torch.no_grad():
+        got = layer(x)
+    assert got.shape == (2, 5, 48)
+    torch.testing.assert_close(got, expected, rtol=0.02, atol=0.02)
+
+
 def test_int4_backends_fail_in_one_line_where_they_cannot_run(parent):
     from app.quantize import _int4_unavailable
 
