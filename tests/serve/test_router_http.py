@@ -20,8 +20,8 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 
 from pipelines.ray_session import free_port
-from tests.serve.helpers import batch_stats_when
 from serve_deployments.router import app as router_app
+from tests.serve.helpers import batch_stats_when
 
 KEY, FLOOD_KEY, CACHE_KEY = "sk-test-main", "sk-test-flood", "sk-test-cache"  # one rate-limit bucket each
 CODE = "import os\nfor name in os.listdir(path):\n    print(name)\n"
