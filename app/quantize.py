@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -181,8 +182,10 @@ def _apply(model: GPT, method: str, backend: str, layers: tuple[str, ...]) -> GP
         return torch.ao.quantization.quantize_dynamic(model, {name: qconfig for name in layers}, dtype=torch.qint8)
 
 
+@functools.lru_cache(maxsize=None)
 def _int4_unavailable() -> str | None:
-    """Why torchao's int4 weight-only cannot run here (None when one of its layouts does)."""
+    """Why torchao's int4 weight-only cannot run here (None when one of its layouts does). Probed once per
+    process: check_method and quantize both ask."""
     with _quiet():
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
         from torchao.quantization.quantize_.workflows.int4.int4_packing_format import Int4PackingFormat
@@ -200,8 +203,9 @@ def _int4_unavailable() -> str | None:
     return "; ".join(reasons)
 
 
+@functools.lru_cache(maxsize=None)
 def _aten_int4_unavailable() -> str | None:
-    """Why torch's own CPU int4 kernel cannot run here (None when it does)."""
+    """Why torch's own CPU int4 kernel cannot run here (None when it does). Probed once per process."""
     try:
         probe = Int4Linear.from_linear(nn.Linear(2 * INT4_GROUP_SIZE, 16))
         probe(torch.zeros(1, 2 * INT4_GROUP_SIZE))
