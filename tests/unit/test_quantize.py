@@ -132,10 +132,8 @@ def test_int4_linear_computes_with_its_stored_int4_values():
     """Int4Linear against its own definition: weight = (q − 8)·scale + zero per group of 32 inputs, q the stored
     nibbles (high nibble first), with the activations rounded to bf16 as the kernel reads them. Also: every weight
     is within half a step of the fp32 one it came from."""
-    from app.quantize import INT4_GROUP_SIZE, Int4Linear, _aten_int4_unavailable
+    from app.quantize import INT4_GROUP_SIZE, Int4Linear
 
-    if _aten_int4_unavailable() is not None:
-        pytest.skip(f"this torch has no CPU int4 kernel: {_aten_int4_unavailable()}")
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
     layer = Int4Linear.from_linear(linear)
