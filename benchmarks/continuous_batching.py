@@ -82,7 +82,7 @@ def main() -> int:
     import torch
 
     from app.console import print_table, progress_bar
-    from app.registry import load_artifact
+    from app.registry import load_artifact, machine
     from serve_deployments.decoding import ContinuousBatcher, Sequence
 
     teacher = args.teacher or default_teacher()
@@ -130,7 +130,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     card = artifact.card
     out.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "teacher": teacher,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "platform": platform.platform(),
+        "teacher": teacher,
         "parameters": card.get("parameters"), "blocks": results, "merged": merged, "ratios": ratios, "goal_met": met,
     }, indent=2, default=str))
     print(f"wrote {out.relative_to(REPO)}")
