@@ -758,13 +758,20 @@ def _ensure_data(cfg: TrainConfig, data_dir: Path, num_cpus: int | None) -> None
 
 def _resolve_teacher(cfg: TrainConfig, data_dir: Path) -> tuple[str | None, dict | None]:
     """The teacher's artifact location (absolute, so every worker finds it) and card; checks it can teach."""
-    if not cfg.distill.teacher:
-        return None, None
     from app.distill import check_teacher
+
+    return _resolve_artifact(cfg.distill.teacher, check_teacher, cfg, data_dir)
+
+
+def _resolve_artifact(name: str | None, check, cfg: TrainConfig, data_dir: Path) -> tuple[str | None, dict | None]:
+    """A model the run reads (teacher, starting weights): (absolute location, card), after `check(card, model,
+    data tokenizer sha256, name)`; (None, None) when `name` is not set."""
+    if not name:
+        return None, None
     from app.registry import locate
 
-    location, card = locate(cfg.distill.teacher)
-    check_teacher(card, cfg.model, read_manifest(data_dir).tokenizer_sha256, cfg.distill.teacher)
+    location, card = locate(name)
+    check(card, cfg.model, read_manifest(data_dir).tokenizer_sha256, name)
     return location, card
 
 
@@ -789,13 +796,7 @@ def check_init_from(card: dict[str, Any], model: ModelConfig, data_tokenizer_sha
 
 def _resolve_init(cfg: TrainConfig, data_dir: Path) -> tuple[str | None, dict | None]:
     """The starting weights' artifact location (absolute) and card; checks they fit this run's model."""
-    if not cfg.init_from:
-        return None, None
-    from app.registry import locate
-
-    location, card = locate(cfg.init_from)
-    check_init_from(card, cfg.model, read_manifest(data_dir).tokenizer_sha256, cfg.init_from)
-    return location, card
+    return _resolve_artifact(cfg.init_from, check_init_from, cfg, data_dir)
 
 
 def _use_gpu(cfg: TrainConfig) -> bool:
