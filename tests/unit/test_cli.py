@@ -44,3 +44,21 @@ def test_info_json_matches_model():
     assert info["params_non_embedding"] == L * (12 * d * d + 13 * d) + 2 * d
     assert info["params_total"] == info["params_non_embedding"] + V * d + T * d
     assert info["memory_per_worker_bytes"] > 16 * info["params_total"] // 2  # ZeRO-2 over 2 workers, plus activations
+
+
+def test_sdk_functions_survive_importing_their_namesake_modules():
+    """app.distill / app.quantize / app.evaluate are SDK functions and also modules (app/distill.py, ...); importing
+    a module must not replace the function (a second app.distill(...) in a notebook failed that way)."""
+    import importlib
+    import sys
+
+    import app
+    from app import sdk
+
+    for name in ("distill", "quantize", "evaluate"):
+        module = importlib.import_module(f"app.{name}")
+        assert getattr(app, name) is getattr(sdk, name), name
+        assert sys.modules[f"app.{name}"] is module and callable(getattr(app, name))
+    from app.distill import kd_loss  # the modules' own names still import
+
+    assert callable(kd_loss)
