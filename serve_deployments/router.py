@@ -280,10 +280,19 @@ async def call_with_retry(call: Callable[[], Awaitable[Any]], *, attempts: int =
     Serve's handle stops routing to a dead replica, but a request already running there fails with
     ActorDiedError; generate/score/embed/info have no side effects, so sending them again is safe. Streams are
     not retried (tokens may already have reached the client).
+
+    When the awaiting task is cancelled (the request timed out, or its client left), the call is cancelled too:
+    awaiting a DeploymentResponse does not do that by itself, and the model would go on decoding for nobody.
     """
     for attempt in range(attempts):
+        response = call()
         try:
-            return await call()
+            return await response
+        except asyncio.CancelledError:
+            cancel = getattr(response, "cancel", None)  # a DeploymentResponse; plain coroutines in unit tests
+            if cancel is not None:
+                cancel()
+            raise
         except Exception as err:  # noqa: BLE001 - re-raised unless it is a replica death
             if not replica_died(err) or attempt == attempts - 1:
                 raise
@@ -711,8 +720,14 @@ class Router:
         except StopAsyncIteration:
             pass
         except Exception as err:  # noqa: BLE001 - the status line has gone out: report in-band, end the stream
-            message = _cause_message(err) if isinstance(err, UserError) else f"stream failed ({type(err).__name__})"
-            self.metrics.error(400 if isinstance(err, UserError) else 503)
+            if isinstance(err, asyncio.TimeoutError):
+                message, status = (f"no token within router.guard.request_timeout_s={timeout:g} s; retry, or raise "
+                                   "the timeout"), 504
+            elif isinstance(err, UserError):
+                message, status = _cause_message(err), 400
+            else:
+                message, status = f"stream failed ({type(err).__name__})", 503
+            self.metrics.error(status)
             yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
             yield "data: [DONE]\n\n"
             return

@@ -182,6 +182,30 @@ def test_a_client_that_leaves_a_stream_frees_the_models_row(server, tmp_path):
         serve.delete("long")
 
 
+def test_a_request_that_times_out_frees_the_models_row(server, tmp_path):
+    """A request past router.guard.request_timeout_s is answered 504, and the router cancels its model call: the
+    model stops decoding the 1,000 tokens nobody will read (1,024 context; the tiny model needs about a second for
+    them here). Serve does not do this for us: the router's handler returns normally."""
+    from ray import serve
+
+    from serve_deployments.lm_server import LMServer
+    from serve_deployments.router import Router
+
+    lm = LMServer.options(name="slow", ray_actor_options={"num_cpus": 0.25}).bind(
+        str(_tiny_artifact(tmp_path / "slow", 3, seq_len=1024)), "slow")
+    serve.run(Router.options(ray_actor_options={"num_cpus": 0.25}).bind(
+        {"slow": lm}, {"guard": {"rate_per_s": 0, "request_timeout_s": 0.2}}), name="slow", route_prefix="/slow")
+    handle = serve.get_deployment_handle("slow", "slow")
+    try:
+        body = {"prompt": "def", "model": "slow", "max_tokens": 1000, "temperature": 0, "stop": ["never-\u2603"]}
+        r = post(server, "/slow/v1/completions", body)
+        assert r.status_code == 504 and "request_timeout_s=0.2" in r.json()["error"]["message"], r.text
+        stats = batch_stats_when(handle, lambda st: st["cancelled"] or st["steps"] >= 999, 30)
+        assert stats["requests"] == 1 and stats["cancelled"] == 1 and stats["steps"] < 999, stats
+    finally:
+        serve.delete("slow")
+
+
 def test_official_openai_client(server):
     from openai import OpenAI
 
