@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from app.config import TrainConfig, load_config, parse_workers
+from app.config import TrainConfig, apply_overrides, config_from_dict, load_config, parse_workers
 from app.console import html_table
 from app.parallel import memory_estimate
 
@@ -128,8 +128,14 @@ def train(preset: str | TrainConfig = "tiny", overrides: Sequence[str] = (), *, 
     folder of the same shape) starts from that model's weights instead of a random initialisation."""
     from pipelines import train as pipeline
 
-    cfg = preset if isinstance(preset, TrainConfig) else load_config(preset, list(overrides))
-    return pipeline.run(cfg, num_cpus=num_cpus)
+    return pipeline.run(_config(preset, list(overrides)), num_cpus=num_cpus)
+
+
+def _config(preset: str | TrainConfig, overrides: list[str]) -> TrainConfig:
+    """A preset (name or YAML path) or a TrainConfig, with dotted overrides applied (validated like the CLI's)."""
+    if isinstance(preset, TrainConfig):
+        return config_from_dict(apply_overrides(preset.model_dump(), overrides)) if overrides else preset
+    return load_config(preset, overrides)
 
 
 def distill(teacher: str, preset: str | TrainConfig = "tiny", overrides: Sequence[str] = (), *,
@@ -155,13 +161,10 @@ def distill(teacher: str, preset: str | TrainConfig = "tiny", overrides: Sequenc
         extra.append(f"init_from={init_from}")
     if run_name:
         extra.append(f"name={run_name}")
-    if isinstance(preset, TrainConfig):
-        cfg = preset
-    else:
-        cfg = load_config(preset, extra + list(overrides))
-        if not run_name and not any(o.startswith("name=") for o in overrides):
-            suffix = f"{domains[0]}-specialist" if domains and len(domains) == 1 else "student"
-            cfg = cfg.model_copy(update={"name": f"{cfg.name}-{suffix}"})
+    cfg = _config(preset, extra + list(overrides))
+    if not isinstance(preset, TrainConfig) and not run_name and not any(o.startswith("name=") for o in overrides):
+        suffix = f"{domains[0]}-specialist" if domains and len(domains) == 1 else "student"
+        cfg = cfg.model_copy(update={"name": f"{cfg.name}-{suffix}"})
     return pipeline.run(cfg, num_cpus=num_cpus)
 
 

@@ -94,14 +94,21 @@ def _speed_at_shape(preset: str, rounds: int) -> dict[str, dict]:
     return {name: {"parameters": params[name], "tokens_per_s": speeds[name]} for name in models}
 
 
-def _trained(storage: Path, name: str, make) -> str:
-    """The artifact of run `name`, training it first unless a finished run already left one."""
-    artifact = storage / name / "artifact"
-    if (artifact / "model_card.json").is_file() and (storage / name / "summary.json").is_file():
+def _trained(storage: Path, cfg, make) -> str:
+    """The artifact of run `cfg.name`, training it with `make(cfg)` first unless a finished run with the same settings
+    (config hash) already left one. A finished run with other settings (another --steps, say) is refused rather
+    than reported under the new ones."""
+    from app.errors import UserError
+
+    artifact = storage / cfg.name / "artifact"
+    card = artifact / "model_card.json"
+    if card.is_file() and (storage / cfg.name / "summary.json").is_file():
+        if json.loads(card.read_text()).get("config_hash") != cfg.config_hash():
+            raise UserError(f"{storage / cfg.name} was trained with other settings than this benchmark run asks for; "
+                            "pass --out NEW_FOLDER, or delete that run folder to retrain it")
         print(f"reusing {artifact}")
         return str(artifact)
-    result = make()
-    return result.artifact
+    return make(cfg).artifact
 
 
 def main(argv=None) -> int:
@@ -143,22 +150,25 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     # ---- train ------------------------------------------------------------------------------------------------
-    teacher = _trained(storage, "teacher", lambda: sdk.train(args.teacher_preset, [*common, "name=teacher"]))
-    plain = _trained(storage, "student-plain",
-                     lambda: sdk.train(args.teacher_preset, [*common, *student, "name=student-plain"]))
-    kd = _trained(storage, "student-kd", lambda: sdk.distill(
-        teacher, args.teacher_preset, [*common, *student], alpha=args.alpha, temperature=args.temperature,
-        run_name="student-kd"))
+    def config(*overrides: str):
+        return load_config(args.teacher_preset, [*common, *overrides])
+
+    def distilled(teacher_path: str, *overrides: str):
+        return config(*overrides, f"distill.teacher={teacher_path}", f"distill.alpha={args.alpha}",
+                      f"distill.temperature={args.temperature}")
+
+    teacher = _trained(storage, config("name=teacher"), sdk.train)
+    plain = _trained(storage, config(*student, "name=student-plain"), sdk.train)
+    kd = _trained(storage, distilled(teacher, *student, "name=student-kd"), lambda cfg: sdk.distill(teacher, cfg))
     domains = read_manifest(data_dir).domains
     # A specialist is distilled on one domain, starting from the distilled general student (init_from); the same
     # student shape distilled on that domain from scratch, in the same steps, is the row it has to beat.
-    spec = [*common, *student, f"steps={args.specialist_steps or steps}"]
-    scratch = {d: _trained(storage, f"specialist-{d}", lambda d=d: sdk.distill(
-        teacher, args.teacher_preset, spec, domains=[d], alpha=args.alpha,
-        temperature=args.temperature, run_name=f"specialist-{d}")) for d in domains}
-    specialists = {d: _trained(storage, f"specialist-{d}-from-kd", lambda d=d: sdk.distill(
-        teacher, args.teacher_preset, spec, domains=[d], alpha=args.alpha, temperature=args.temperature,
-        init_from=kd, run_name=f"specialist-{d}-from-kd")) for d in domains}
+    spec = [*student, f"steps={args.specialist_steps or steps}"]
+    scratch = {d: _trained(storage, distilled(teacher, *spec, f"data.domains=[{d}]", f"name=specialist-{d}"),
+                           lambda cfg: sdk.distill(teacher, cfg)) for d in domains}
+    specialists = {d: _trained(storage, distilled(teacher, *spec, f"data.domains=[{d}]", f"init_from={kd}",
+                                                  f"name=specialist-{d}-from-kd"),
+                               lambda cfg: sdk.distill(teacher, cfg)) for d in domains}
     models = {"teacher": teacher, "student (no KD)": plain, "student (KD)": kd,
               **{f"specialist {d}": path for d, path in specialists.items()},
               **{f"specialist {d} (scratch)": path for d, path in scratch.items()}}
@@ -260,4 +270,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from app.errors import UserError
+
+    try:
+        raise SystemExit(main())
+    except UserError as err:  # bad arguments or a clash with earlier runs: one line, no traceback
+        raise SystemExit(f"error: {err}") from None

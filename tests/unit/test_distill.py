@@ -119,3 +119,23 @@ def test_domains_and_teacher_change_the_config_hash_only_when_set():
     assert load_config("tiny", ["data.domains=[code]"]).config_hash() != base.config_hash()
     assert load_config("tiny", ["distill.teacher=t"]).config_hash() != base.config_hash()
     assert load_config("tiny", ["distill.alpha=0.9"]).config_hash() == base.config_hash()  # no teacher: plain run
+
+
+def test_sdk_applies_its_arguments_to_a_config_object_too(monkeypatch):
+    """app.distill(teacher, cfg) with a TrainConfig: the teacher, domains, α and starting weights still apply (they
+    used to be dropped, which silently trained without a teacher), as do app.train's overrides."""
+    import app.sdk as sdk
+    from pipelines import distill as distill_pipeline
+    from pipelines import train as train_pipeline
+
+    ran = []
+    monkeypatch.setattr(distill_pipeline, "run", lambda cfg, num_cpus=None: ran.append(cfg))
+    monkeypatch.setattr(train_pipeline, "run", lambda cfg, num_cpus=None: ran.append(cfg))
+    base = load_config("tiny", ["name=mine"])
+    sdk.distill("/models/teacher", base, ["steps=7"], domains=["code"], alpha=0.25, init_from="/models/student")
+    sdk.train(base, ["steps=9"])
+    sdk.train(base)
+    got, trained, untouched = ran
+    assert (got.distill.teacher, got.data.domains, got.distill.alpha, got.init_from, got.steps, got.name) == (
+        "/models/teacher", ["code"], 0.25, "/models/student", 7, "mine")
+    assert trained.steps == 9 and trained.distill.teacher is None and untouched is base
