@@ -280,6 +280,8 @@ def _fit(args: argparse.Namespace) -> int:
         print_table("predictions", ["N", "D", "loss", f"{level} interval"], preds)
     for note in report.runs.dropped:
         print(f"left out: {note}")
+    for warning in law.warnings:
+        print(f"warning: {warning}")
     print(f"wrote {', '.join(_short(p) for p in report.files)}")
     args.result = {**report.to_json(), "files": report.files}
     return 0
@@ -337,6 +339,8 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"instance: {plan.instance}{chosen}")
     print(f"law: {args.fit or 'Besiroglu et al. 2024 refit of Chinchilla (pass --fit fit.json for your own)'}")
     print(f"throughput: {plan.throughput_source}")
+    for warning in plan.warnings:
+        print(f"warning: {warning}")
     return 0
 
 

@@ -31,7 +31,7 @@ import yaml
 from scipy.optimize import brentq
 
 from app.jsonsafe import finite
-from app.scaling import FLOPS_PER_PARAM_TOKEN, ScalingFit
+from app.scaling import FLOPS_PER_PARAM_TOKEN, LONG_EXTRAPOLATION, ScalingFit
 
 DEFAULT_PRICES = Path(__file__).with_name("prices.yaml")
 
@@ -183,6 +183,7 @@ class TrainingPlan:
     purchase: str  # the option the budget refers to: "spot" or "on_demand"
     on_demand: PurchaseEstimate
     spot: PurchaseEstimate
+    warnings: tuple[str, ...] = ()  # the fit's own (ScalingFit.warnings), and a long extrapolation
 
     @property
     def chosen(self) -> PurchaseEstimate:
@@ -285,6 +286,11 @@ def plan_training(
     def plan_for(compute: float) -> TrainingPlan:
         n_opt, d_opt, _ = fit.frontier(compute)
         loss, lo, hi = fit.predict(n_opt, d_opt)
+        notes = list(fit.warnings)
+        factor = fit.extrapolation(compute)
+        if factor > LONG_EXTRAPOLATION:
+            notes.append(f"C = {compute:.3g} FLOPs is {factor:,.0f}x the largest fitted run's compute: a long "
+                         "extrapolation; treat N_opt, D_opt and the predicted loss as rough")
         if tokens_per_second_per_worker is None:
             tps = inst.peak_tflops_per_worker * 1e12 * mfu / (FLOPS_PER_PARAM_TOKEN * n_opt)
             source = f"estimated: {inst.peak_tflops_per_worker:g} TFLOP/s peak × MFU {mfu:g} / (6 N)"
@@ -300,6 +306,7 @@ def plan_training(
             tokens_per_second_per_worker=float(tps), throughput_source=source,
             purchase="spot" if spot else "on_demand",
             on_demand=purchase_estimate("on_demand", d_opt, tps), spot=purchase_estimate("spot", d_opt, tps),
+            warnings=tuple(notes),
         )
 
     if compute_flops is not None:

@@ -286,7 +286,8 @@ def _sweep_fit_plan(run: _Run, teacher) -> None:
             "n_points": law.n_points, "params": law.params,
             "ci": {k: list(v) for k, v in law.ci.items()}, "ci_level": law.ci_level,
             "a": exps["a"], "b": exps["b"], "files": [str(f) for f in fit.files],
-            "kaplan_n": fit.kaplan_n.to_json() if fit.kaplan_n else None, "not_fitted": fit.notes}
+            "kaplan_n": fit.kaplan_n.to_json() if fit.kaplan_n else None, "not_fitted": fit.notes,
+            "warnings": law.warnings}
         if isinstance(plan, FitError):
             run.report["plan"] = {"compute_flops": compute, "error": str(plan)}
             planned = f"no plan for {compute:.2g} FLOPs: {plan}"
@@ -295,9 +296,11 @@ def _sweep_fit_plan(run: _Run, teacher) -> None:
                                                                  "by the teacher run)"}
             planned = (f"plan for {compute:.2g} FLOPs: N_opt {plan.n_params:.3g}, D_opt {plan.n_tokens:.3g}, "
                        f"${plan.cost_usd:,.2f} on spot")
+        cautions = len(law.warnings if isinstance(plan, FitError) else plan.warnings)  # the plan's include the fit's
         line["result"] = (f"{len(result.df)} trials in {result.wall_s:.0f} s; L = {law.params['E']:.3g} + "
                           f"{law.params['A']:.3g}/N^{law.params['alpha']:.3g} + {law.params['B']:.3g}/"
-                          f"D^{law.params['beta']:.3g}; {planned}")
+                          f"D^{law.params['beta']:.3g}; {planned}"
+                          + (f" — not to be trusted: {cautions} warning(s) in the report" if cautions else ""))
 
 
 def _specialists(run: _Run, teacher) -> dict[str, Any]:
@@ -522,7 +525,8 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[tuple]]]:
     out.append((f"Scaling fit: L(N, D) = E + A/N^alpha + B/D^beta over {fit['n_points']} sweep runs",
                 ["parameter", "estimate", f"{level} interval"],
                 [(k, v, _interval(fit["ci"].get(k))) for k, v in fit["params"].items()]
-                + [("a (N_opt ∝ C^a)", fit["a"], ""), ("b (D_opt ∝ C^b)", fit["b"], "")]))
+                + [("a (N_opt ∝ C^a)", fit["a"], ""), ("b (D_opt ∝ C^b)", fit["b"], "")]
+                + [("warning", w, "") for w in fit.get("warnings", [])]))
     p = report["plan"]
     if "error" in p:
         out.append((f"Plan: {p['compute_flops']:.3g} FLOPs", ["field", "value"], [("no plan", p["error"])]))
@@ -534,7 +538,8 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[tuple]]]:
         out.append((f"Plan: {p['compute_flops']:.3g} FLOPs on {p['instance']} × {p['instances']} "
                     f"({p['workers']} workers)", ["field", "on-demand", "spot"],
                     [(label, p[k], p[k]) for label, k in both]
-                    + [(label, p["on_demand"][k], p["spot"][k]) for label, k in priced]))
+                    + [(label, p["on_demand"][k], p["spot"][k]) for label, k in priced]
+                    + [("warning", w, "") for w in p.get("warnings", []) if w not in fit.get("warnings", [])]))
     models = report["models"]
     out.append(("Model cards", models["columns"], [tuple(r) for r in models["rows"]]))
     routing = report["routing"]["policies"]

@@ -42,6 +42,20 @@ FLOPS_PER_PARAM_TOKEN = 6.0  # C = 6 N D: forward + backward FLOPs per parameter
 CHINCHILLA_PARAMS = ("E", "A", "B", "alpha", "beta")  # column order of ScalingFit.bootstrap_params
 KAPLAN_PARAMS = {"kaplan_n": ("N_c", "alpha_N", "E"), "kaplan_c": ("C_c", "alpha_C", "E")}
 
+# What a fit's diagnostics (ScalingFit.warnings) take as signs that the runs do not pin the law down.
+PLAUSIBLE_EXPONENTS = (0.02, 2.0)
+"""Where language-model exponents land: Chinchilla's alpha, beta 0.28-0.37 (Hoffmann et al., Besiroglu et al.),
+Kaplan's 0.05-0.1, this project's 20-trial CPU sweep 0.54 and 1.0. An exponent outside means the fit traded it
+against E, A or B: the runs do not identify it."""
+MIN_SPAN = 10.0
+"""An exponent is read off how loss changes across N (or D): a variable spanning less than a decade barely moves
+the loss, so its exponent rests on noise."""
+MIN_RUNS = 10
+"""Five parameters from fewer runs than this: the bootstrap intervals and any extrapolation are fragile."""
+LONG_EXTRAPOLATION = 10.0
+"""Compute beyond this multiple of the largest run's is a long extrapolation: this project's own 10x benchmark
+missed by 5-20 % (README, scaling-law extrapolation)."""
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Starting grids
@@ -461,6 +475,37 @@ class ScalingFit:
         pred = _chinchilla_loss(self.param_vector, n, d)[0]
         return Residuals.of(np.log(pred) - np.log(loss))
 
+    # ---- diagnostics -----------------------------------------------------------------------------------------
+    @property
+    def warnings(self) -> list[str]:
+        """Plain-language signs that the runs do not pin the law down (empty when none, or without data): an
+        exponent outside PLAUSIBLE_EXPONENTS, N or D spanning less than MIN_SPAN, fewer than MIN_RUNS runs."""
+        if not self.n.size:
+            return []
+        out = []
+        lo, hi = PLAUSIBLE_EXPONENTS
+        for name, var in (("alpha", "N"), ("beta", "D")):
+            value = self.params[name]
+            if not lo <= value <= hi:
+                out.append(f"{name} = {value:.3g} is outside {lo:g}-{hi:g}, where language-model exponents land: "
+                           f"these runs do not identify it, so predictions away from them mean little; add runs "
+                           f"spread over more {'model sizes' if var == 'N' else 'token budgets'}")
+        for var, values, what in (("N", self.n, "smaller or larger models"), ("D", self.d, "shorter or longer runs")):
+            span = float(values.max() / values.min())
+            if span < MIN_SPAN:
+                out.append(f"{var} spans only {span:.2g}x ({values.min():.3g} to {values.max():.3g}); its exponent "
+                           f"needs a decade or more: add {what}")
+        if self.n_points < MIN_RUNS:
+            out.append(f"{self.n_points} runs for 5 parameters: intervals and extrapolations are fragile; "
+                       f"{MIN_RUNS} or more runs spread over N and D are better")
+        return out
+
+    def extrapolation(self, compute: float) -> float:
+        """How many times the largest fitted run's compute (6ND) `compute` is; NaN without data."""
+        if not self.n.size:
+            return math.nan
+        return float(compute) / float((FLOPS_PER_PARAM_TOKEN * self.n * self.d).max())
+
     # ---- serialisation ---------------------------------------------------------------------------------------
     def to_json(self, predictions: Sequence[tuple[float, float]] = ()) -> dict[str, Any]:
         """A JSON-ready dict (keys form, params, ci, n_points, predictions, ...); NaN becomes None.
@@ -488,6 +533,7 @@ class ScalingFit:
             "objective": _json_float(self.objective),
             "n_starts": self.n_starts,
             "n_resamples": 0 if self.bootstrap_params is None else int(len(self.bootstrap_params)),
+            "warnings": self.warnings,
             "data": {"n": self.n.tolist(), "d": self.d.tolist(), "loss": self.loss.tolist()},
             "bootstrap_params": None if self.bootstrap_params is None else self.bootstrap_params.tolist(),
         }

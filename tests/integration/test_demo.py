@@ -84,8 +84,14 @@ def test_fit_and_plan_are_finite(demo):
     if fit["params"]["alpha"] > 0 and fit["params"]["beta"] > 0:
         assert plan["n_params"] > 0 and plan["n_tokens"] > 0 and math.isfinite(plan["loss"])
         assert 0 < plan["spot"]["cost_usd"] < plan["on_demand"]["cost_usd"]
+        # 1,000x past the largest trial: the plan says so, besides whatever the fit's own diagnostics say
+        assert any("1,000x the largest fitted run's compute" in w for w in plan["warnings"]), plan["warnings"]
+        assert "not to be trusted" in demo["stdout"]
     else:  # six tiny runs can fit a law whose loss grows with N or D: no optimum, and the report says why
         assert "no compute-optimal size" in plan["error"] and "no plan" in demo["stdout"], plan
+    # six runs for five parameters: the demo's fit always carries that warning, in report.json and report.html
+    assert any(w.startswith("6 runs for 5 parameters") for w in fit["warnings"]), fit["warnings"]
+    assert "6 runs for 5 parameters" in demo["html"]
 
 
 @pytest.mark.slow

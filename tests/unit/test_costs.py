@@ -112,6 +112,22 @@ def test_plan_for_compute_uses_the_frontier_and_its_interval():
     assert plan.cost_usd == pytest.approx(expected_hours * 4 * costs.load_prices()["g6e.xlarge"].spot_usd_per_hour)
 
 
+def test_plan_carries_the_fits_warnings_and_flags_a_long_extrapolation():
+    n = np.geomspace(1e7, 1e9, 12)
+    d = 20 * n
+    fit = ScalingFit(form="chinchilla", params=dict(BESIROGLU), ci={}, n_points=12, n=n, d=d,
+                     loss=np.full(12, 2.0))
+    largest = 6 * n[-1] * d[-1]
+    near = costs.plan_training(fit, compute_flops=5 * largest, **PLAN)
+    assert near.warnings == () and near.to_dict()["warnings"] == []
+    far = costs.plan_training(fit, compute_flops=1000 * largest, **PLAN)
+    assert len(far.warnings) == 1 and "1,000x the largest fitted run's compute" in far.warnings[0]
+    narrow = ScalingFit(form="chinchilla", params={**BESIROGLU, "beta": 3.0}, ci={}, n_points=12, n=n, d=d,
+                        loss=np.full(12, 2.0))
+    assert costs.plan_training(narrow, compute_flops=5 * largest, **PLAN).warnings == tuple(narrow.warnings)
+    assert narrow.warnings and narrow.warnings[0].startswith("beta = 3 is outside")
+
+
 def test_plan_renders_as_a_flat_table_in_notebooks():
     plan = costs.plan_training(make_fit(), compute_flops=1e21, spot=True, preemptions_per_hour=0.05, **PLAN)
     html = plan._repr_html_()

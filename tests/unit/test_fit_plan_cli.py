@@ -61,6 +61,7 @@ def test_fit_cli_writes_fit_json_and_plots(fitted):
     for name in ("loss_vs_compute.png", "isoflop.png", "residuals.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "alpha" in result.stdout and "predictions" in result.stdout and "left out: 1 run(s)" in result.stdout
+    assert fit["warnings"] == [] and "warning:" not in result.stdout  # 25 runs over 3 decades of N: well posed
 
 
 def test_plan_cli_with_a_fit(fitted):
@@ -78,6 +79,9 @@ def test_plan_cli_with_a_fit(fitted):
     assert table.returncode == 0, table.stderr
     for text in ("N_opt (parameters)", "D_opt (tokens)", "predicted loss", "on-demand *", "spot", "g6e.xlarge"):
         assert text in table.stdout
+    assert "warning:" not in table.stdout  # 1e21 is within the runs' compute (up to 6e21)
+    far = run_cli("plan", "--flops", "6e24", "--fit", str(out / "fit.json"), "--instance", "g6e.xlarge")
+    assert far.returncode == 0 and "warning: C = 6e+24 FLOPs is 1,000x the largest fitted run's compute" in far.stdout
 
 
 def test_plan_cli_default_law_and_measured_throughput(tmp_path):

@@ -287,6 +287,31 @@ def test_too_few_points_for_five_parameters():
         fit_chinchilla(n, d, loss)
 
 
+# ---- diagnostics ----------------------------------------------------------------------------------------------
+
+
+def test_a_well_posed_fit_has_no_warnings_and_knows_how_far_it_extrapolates(noisy_fit):
+    assert noisy_fit.warnings == [] and noisy_fit.to_json()["warnings"] == []
+    largest = (6 * noisy_fit.n * noisy_fit.d).max()
+    assert noisy_fit.extrapolation(50 * largest) == pytest.approx(50)
+    assert math.isnan(scaling.published_fit().extrapolation(1e24)) and scaling.published_fit().warnings == []
+
+
+def test_runs_that_do_not_identify_the_law_are_flagged():
+    """Six runs over a narrow range (the smoke sweep's shape of problem): too few runs, N spanning 3x, and the
+    exponents the fit lands on are checked against the plausible range."""
+    n = np.repeat([2e5, 4e5, 6e5], 2)
+    d = np.tile([2e6, 6e6], 3)
+    loss = true_loss(n, d) * np.exp(np.random.default_rng(3).normal(0.0, 0.02, n.size))
+    fit = fit_chinchilla(n, d, loss, grid=SMALL_GRID)
+    text = " | ".join(fit.warnings)
+    assert "6 runs for 5 parameters" in text and "N spans only 3x" in text and "D spans only 3x" in text, text
+    assert fit.to_json()["warnings"] == fit.warnings
+    implausible = ScalingFit.from_json({**fit.to_json(), "params": {**fit.params, "alpha": 10.08, "beta": 0.3}})
+    assert implausible.warnings[0].startswith("alpha = 10.1 is outside 0.02-2"), implausible.warnings
+    assert not any(w.startswith("beta") for w in implausible.warnings)
+
+
 @pytest.mark.parametrize(
     ("column", "value", "pattern"),
     [("loss", 0.0, r"loss must be > 0 but row 3"), ("loss", -2.0, "loss must be > 0"), ("N", -1e8, "N must be > 0"),
