@@ -278,7 +278,7 @@ def _sweep_fit_plan(run: _Run, teacher) -> None:
                                 restart_seconds=max(1.0, run.report["reclaim"]["recovery_s"] or 60.0))
             except FitError as err:  # six tiny runs can fit a law with no optimum: say so, and go on
                 plan = err
-        exps = law.frontier_exponents()
+            exps = law.frontier_exponents()
         run.report["sweep"] = {"dir": str(result.sweep_dir), "wall_s": round(result.wall_s, 1),
                                "trials": [dict(zip(("trial", "N", "D", "C", "val_loss", "wall_s", "status"), r))
                                           for r in result.rows()]}

@@ -324,9 +324,23 @@ def _fit_resamples(
     return out
 
 
-def _percentile_ci(samples: np.ndarray, names: Sequence[str], level: float) -> dict[str, tuple[float, float]]:
+def _tails(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The (lo, hi) percentile interval at `level` along axis 0 of bootstrap `samples`. A resample whose fit
+    overflowed (Kaplan's X_c = exp(k/alpha) with alpha near 0, a prediction from it) is infinite; where such samples
+    reach a tail, that end of the interval is infinite (unbounded), not NaN."""
     tail = 100.0 * (1.0 - level) / 2.0
-    lo, hi = np.percentile(samples, [tail, 100.0 - tail], axis=0)
+    with np.errstate(invalid="ignore"):  # interpolating between two infinite samples: inf - inf
+        lo, hi = np.percentile(samples, [tail, 100.0 - tail], axis=0)
+    if np.isnan(lo).any() or np.isnan(hi).any():
+        lo_n, hi_n = np.percentile(samples, [tail, 100.0 - tail], axis=0, method="nearest")
+        no_nan_input = ~np.isnan(samples).any(axis=0)
+        lo = np.where(np.isnan(lo) & no_nan_input, lo_n, lo)
+        hi = np.where(np.isnan(hi) & no_nan_input, hi_n, hi)
+    return lo, hi
+
+
+def _percentile_ci(samples: np.ndarray, names: Sequence[str], level: float) -> dict[str, tuple[float, float]]:
+    lo, hi = _tails(samples, level)
     return {name: (float(lo[i]), float(hi[i])) for i, name in enumerate(names)}
 
 
@@ -444,8 +458,7 @@ class ScalingFit:
         if self.bootstrap_params is None or len(self.bootstrap_params) < 2:
             lo = hi = np.full_like(loss, np.nan)
         else:
-            tail = 100.0 * (1.0 - self.ci_level) / 2.0
-            lo, hi = np.percentile(_chinchilla_loss(self.bootstrap_params, n, d), [tail, 100.0 - tail], axis=0)
+            lo, hi = _tails(_chinchilla_loss(self.bootstrap_params, n, d), self.ci_level)
         return _scalar_or_array(loss), _scalar_or_array(lo), _scalar_or_array(hi)
 
     def frontier(self, compute: Any) -> tuple[Any, Any, Any]:
@@ -783,8 +796,7 @@ class PowerLawFit:
         if self.bootstrap_params is None or len(self.bootstrap_params) < 2:
             lo = hi = np.full_like(loss, np.nan)
         else:
-            tail = 100.0 * (1.0 - self.ci_level) / 2.0
-            lo, hi = np.percentile(_power_loss(self.bootstrap_params, x), [tail, 100.0 - tail], axis=0)
+            lo, hi = _tails(_power_loss(self.bootstrap_params, x), self.ci_level)
         return _scalar_or_array(loss), _scalar_or_array(lo), _scalar_or_array(hi)
 
     def residuals(self) -> Residuals:

@@ -312,6 +312,14 @@ def test_runs_that_do_not_identify_the_law_are_flagged():
     assert not any(w.startswith("beta") for w in implausible.warnings)
 
 
+def test_an_interval_reaching_overflowed_resamples_is_unbounded_not_nan():
+    samples = np.column_stack([np.linspace(1.0, 2.0, 100), np.r_[np.linspace(1.0, 2.0, 90), np.full(10, np.inf)]])
+    with np.errstate(all="raise"):
+        ci = scaling._percentile_ci(samples, ["finite", "overflowing"], 0.95)
+    assert ci["finite"] == pytest.approx((1.025, 1.975))
+    assert ci["overflowing"][0] == pytest.approx(1.0 + 2.475 / 89) and ci["overflowing"][1] == math.inf
+
+
 @pytest.mark.parametrize(
     ("column", "value", "pattern"),
     [("loss", 0.0, r"loss must be > 0 but row 3"), ("loss", -2.0, "loss must be > 0"), ("N", -1e8, "N must be > 0"),
