@@ -525,8 +525,7 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[tuple]]]:
     out.append((f"Scaling fit: L(N, D) = E + A/N^alpha + B/D^beta over {fit['n_points']} sweep runs",
                 ["parameter", "estimate", f"{level} interval"],
                 [(k, v, _interval(fit["ci"].get(k))) for k, v in fit["params"].items()]
-                + [("a (N_opt ∝ C^a)", fit["a"], ""), ("b (D_opt ∝ C^b)", fit["b"], "")]
-                + [("warning", w, "") for w in fit.get("warnings", [])]))
+                + [("a (N_opt ∝ C^a)", fit["a"], ""), ("b (D_opt ∝ C^b)", fit["b"], "")]))
     p = report["plan"]
     if "error" in p:
         out.append((f"Plan: {p['compute_flops']:.3g} FLOPs", ["field", "value"], [("no plan", p["error"])]))
@@ -538,8 +537,11 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[tuple]]]:
         out.append((f"Plan: {p['compute_flops']:.3g} FLOPs on {p['instance']} × {p['instances']} "
                     f"({p['workers']} workers)", ["field", "on-demand", "spot"],
                     [(label, p[k], p[k]) for label, k in both]
-                    + [(label, p["on_demand"][k], p["spot"][k]) for label, k in priced]
-                    + [("warning", w, "") for w in p.get("warnings", []) if w not in fit.get("warnings", [])]))
+                    + [(label, p["on_demand"][k], p["spot"][k]) for label, k in priced]))
+    cautions = [("fit", w) for w in fit.get("warnings", [])] + [
+        ("plan", w) for w in p.get("warnings", []) if w not in fit.get("warnings", [])]
+    if cautions:  # what the fit's and the planner's diagnostics say about trusting them (app/scaling.py)
+        out.append(("Warnings about the fit and the plan", ["from", "warning"], cautions))
     models = report["models"]
     out.append(("Model cards", models["columns"], [tuple(r) for r in models["rows"]]))
     routing = report["routing"]["policies"]
