@@ -159,6 +159,7 @@ def main() -> int:
     ]
     rows += [(f"held out: {name}", f"pred {pred:.4f} vs {loss:.4f} ({abs(pred - loss) / loss:.2%})")
              for name, loss, pred in held]
+    rows += [("fit / plan warning", w) for w in plan.warnings]  # the diagnostics of `fit` and `plan` (README)
     print_table(f"scaling extrapolation{' (quick: smoke-sized, measures nothing)' if args.quick else ''}",
                 ["quantity", "value"], rows)
 
