@@ -41,6 +41,23 @@ CHILD = textwrap.dedent("""
         with urllib.request.urlopen(req, timeout=60) as resp:
             out["status"], out["timing"] = resp.status, resp.headers["server-timing"]
             out["model"] = json.loads(resp.read())["scalestack"]["model"]
+        # A client that gives up on a 1,000-token answer after 0.3 s: its row must leave the model's batch
+        import time
+        from ray import serve
+        long = urllib.request.Request(client.base_url + "/v1/completions", method="POST",
+                                      data=json.dumps({"prompt": "def f(x):", "max_tokens": 1000, "temperature": 0,
+                                                       "stop": ["never-\u2603"]}).encode(),
+                                      headers={"content-type": "application/json"})
+        try:
+            urllib.request.urlopen(long, timeout=0.3)
+        except Exception as err:
+            out["client_gave_up"] = type(err).__name__
+        handle, deadline = serve.get_deployment_handle("tiny", "scalestack"), time.monotonic() + 30
+        while time.monotonic() < deadline:
+            out["left"] = handle.info.remote().result()["batch_stats"]
+            if out["left"]["cancelled"] or out["left"]["steps"] >= 999:
+                break
+            time.sleep(0.05)
         import os, ray
         from ray.serve.context import _get_global_client
         out["proxy_port"] = ray.get(_get_global_client()._controller.get_http_config.remote()).port
@@ -58,10 +75,12 @@ CHILD = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
-    return build_tiny_artifact(tmp_path_factory.mktemp("direct") / "tiny")
+    return build_tiny_artifact(tmp_path_factory.mktemp("direct") / "tiny", seq_len=1024)
 
 
 def test_direct_ingress_serves_on_the_port_without_the_proxy(artifact) -> None:
+    """The router answers on the asked port with Serve's proxy elsewhere, a client that leaves mid-answer frees the
+    model's row, and serving again on another port of the same Ray is refused saying why."""
     port, other = free_port(), free_port()
     proc = subprocess.run([sys.executable, "-c", CHILD, str(artifact), str(port), str(other)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -71,6 +90,9 @@ def test_direct_ingress_serves_on_the_port_without_the_proxy(artifact) -> None:
     assert out["status"] == 200 and out["model"] == "tiny"
     assert out["proxy_port"] != port  # Serve's proxy was moved off the port the router replica answered on
     assert out["timing"].startswith("router;dur=") and ", model;dur=" in out["timing"]
+    # the client that left: Serve cancels the router's handler, and with it the model call (the row is freed)
+    assert out["client_gave_up"] == "TimeoutError", out
+    assert out["left"]["cancelled"] == 1 and out["left"]["steps"] < 999, out["left"]
     assert out["flag_left_in_driver"] is False  # the flags went to the Ray it started, not into the caller's env
     assert out["refusal"].startswith(f"ingress direct: nothing answers on port {other}")
     assert f"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT={other}" in out["refusal"]

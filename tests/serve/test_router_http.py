@@ -156,7 +156,7 @@ def test_a_client_that_leaves_a_stream_frees_the_models_row(server, tmp_path):
     """An HTTP client that closes its stream after the first token: the model's row leaves the batch long before
     the 1,000 tokens asked for (1,024 context). Behind Serve's proxy, Serve itself cancels the router's request
     and its child model stream (this passes without the router's own `gen.cancel()` too, which is there for
-    stream timeouts and for direct ingress)."""
+    stream timeouts); direct ingress does the same (tests/serve/test_direct_ingress.py)."""
     from ray import serve
 
     from serve_deployments.lm_server import LMServer
