@@ -308,7 +308,12 @@ def run(cfg: TrainConfig, scenario: str, *, out: str | Path = "runs/chaos", inje
     workers = parse_workers(cfg.parallel.workers)[1]
     if workers < 2:
         raise ConfigError("the chaos harness needs parallel.workers >= 2 so that a node can be lost; use --workers 2")
-    at_step = inject_at_step or max(2, cfg.steps // 3)
+    if notice_s < 1:
+        raise ConfigError(f"--notice {notice_s}: a drain notice needs a deadline at least 1 s away; use e.g. --notice 8")
+    if rejoin_after_s is not None and rejoin_after_s < 0:
+        raise ConfigError(f"rejoin_after_s={rejoin_after_s:g}: a node cannot rejoin before it left; use 0 or more, or "
+                          "None (--no-rejoin) to keep it away")
+    at_step = inject_at_step if inject_at_step is not None else max(2, cfg.steps // 3)
     if not 0 < at_step < cfg.steps:
         raise ConfigError(f"--inject-at-step {at_step} must lie inside the run's {cfg.steps} steps")
     out = Path(out).resolve() / scenario

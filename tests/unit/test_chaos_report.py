@@ -35,11 +35,16 @@ def test_impossible_faults_are_refused_before_any_cluster_starts(tmp_path):
     with pytest.raises(ConfigError, match="--inject-at-step 20: torn-checkpoint damages the newest checkpoint, "
                                           "and the first comes at step 50"):
         chaos.run(cfg, "torn-checkpoint", out=tmp_path, inject_at_step=20)
-    with pytest.raises(ConfigError, match="--inject-at-step 100 must lie inside the run's 100 steps"):
-        chaos.run(cfg, "spot", out=tmp_path, inject_at_step=100)
+    for step in (100, 0):  # 0 used to mean "the default step"
+        with pytest.raises(ConfigError, match=f"--inject-at-step {step} must lie inside the run's 100 steps"):
+            chaos.run(cfg, "spot", out=tmp_path, inject_at_step=step)
     with pytest.raises(ConfigError, match="needs parallel.workers >= 2"):
         chaos.run(cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"workers": "1"})}), "spot",
                   out=tmp_path)
     with pytest.raises(ConfigError, match="--scenario 'flood' is not one of"):
         chaos.run(cfg, "flood", out=tmp_path)
+    with pytest.raises(ConfigError, match=r"--notice -1: a drain notice needs a deadline at least 1 s away"):
+        chaos.run(cfg, "spot", out=tmp_path, notice_s=-1)  # it used to crash the harness after both runs
+    with pytest.raises(ConfigError, match="rejoin_after_s=-2: a node cannot rejoin before it left"):
+        chaos.run(cfg, "kill-node", out=tmp_path, rejoin_after_s=-2)
     assert not any(tmp_path.iterdir())  # refused before anything was written
