@@ -360,6 +360,7 @@ def deploy(config=None, *, models=None, host: str | None = None, port: int | Non
 
     args = serving.load_serve_args(config, models, host, port)
     serving.check_ingress(ingress)
+    serving.check_keys_off_loopback(args)
     application = serving.build_app(args)  # config and artifact mistakes fail here, before Ray starts
     started = not ray.is_initialized()
     if started:

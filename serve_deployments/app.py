@@ -240,6 +240,7 @@ def start(args: ServeArgs, application=None, *, wait_s: float = 120.0, ingress: 
     from pipelines.ray_session import free_port
 
     check_ingress(ingress)
+    check_keys_off_loopback(args)
     if ingress == "direct" and not _port_free(args.host, args.port):  # else the replica would take the next port
         raise UserError(f"port {args.port}: already in use on {args.host}; pass a free --port for direct ingress")
     application = application or build_app(args)
@@ -262,6 +263,16 @@ def start(args: ServeArgs, application=None, *, wait_s: float = 120.0, ingress: 
                         f"with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT={args.port} "
                         "in its environment (app.deploy does this when it starts Ray itself)") from None
     return client
+
+
+def check_keys_off_loopback(args: ServeArgs) -> None:
+    """Off loopback every caller needs a key; a server started without any would answer nothing but 401."""
+    from serve_deployments.guard import API_KEYS_ENV, configured_keys, is_loopback
+
+    if not is_loopback(args.host) and not configured_keys((args.router.get("guard") or {}).get("api_keys") or []):
+        raise UserError(f"host {args.host} is reachable from other machines, so every caller needs an API key, and "
+                        f"none is configured; set router.guard.api_keys in the config or ${API_KEYS_ENV} (comma-"
+                        "separated), or serve on 127.0.0.1")
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -42,6 +42,24 @@ def test_keys_needed_unless_server_and_client_are_both_loopback():
     assert key_required("127.0.0.1", None)  # unknown peer: not trusted
 
 
+def test_serving_off_loopback_without_any_key_is_refused_before_anything_starts(monkeypatch):
+    """A server on 0.0.0.0 with no key would answer every request 401: `serve`/`app.deploy` refuse it up front."""
+    from app import sdk
+    from app.errors import UserError
+    from serve_deployments.app import check_keys_off_loopback, load_serve_args
+
+    monkeypatch.delenv("SCALESTACK_API_KEYS", raising=False)
+    exposed = {"models": [{"name": "m", "artifact": "anything"}], "host": "0.0.0.0"}
+    with pytest.raises(UserError, match="host 0.0.0.0 is reachable from other machines.*router.guard.api_keys"):
+        check_keys_off_loopback(load_serve_args(exposed))
+    with pytest.raises(UserError, match="host 0.0.0.0"):  # before the artifact is resolved or Ray starts
+        sdk.deploy(exposed)
+    check_keys_off_loopback(load_serve_args({**exposed, "router": {"guard": {"api_keys": ["sk-1"]}}}))
+    check_keys_off_loopback(load_serve_args({**exposed, "host": "127.0.0.1"}))
+    monkeypatch.setenv("SCALESTACK_API_KEYS", "sk-2")
+    check_keys_off_loopback(load_serve_args(exposed))
+
+
 def test_key_check_and_bearer_parsing(monkeypatch):
     assert bearer_token("Bearer sk-1") == "sk-1" and bearer_token("bearer  sk-1 ") == "sk-1"
     assert bearer_token("Basic abc") is None and bearer_token(None) is None and bearer_token("Bearer ") is None
