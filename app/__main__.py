@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from app.errors import UserError
@@ -469,6 +470,9 @@ def _models(args: argparse.Namespace) -> int:
     else:
         models = sdk.models(reg.root)
         print_table(f"registry {_short(reg.root)}: {len(models.cards)} models", models.columns(), models.rows())
+        if not models.cards and "://" not in str(reg.root) and not Path(reg.root).exists():
+            print(f"({_short(reg.root)} does not exist yet: train, distill and quantize publish models there; "
+                  "another registry: --registry DIR or $SCALESTACK_REGISTRY)")
     return 0
 
 

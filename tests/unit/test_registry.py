@@ -138,8 +138,11 @@ def test_cli_models_quantize_and_eval(quantized):
     assert listing.returncode == 0, listing.stderr
     for text in ("tiny-int8", "tiny-qat", "int8-dynamic torch.ao", "fp32", "136,960", "loss code", "loss docs"):
         assert text in listing.stdout
+    assert "does not exist yet" not in listing.stdout
     shown = run_cli("models", "show", "tiny-int8", "--registry", str(root))
     assert json.loads(shown.stdout)["quantization"] == "int8-dynamic"
+    missing = run_cli("models", "list", "--registry", str(root / "typo"))  # empty, and says why
+    assert missing.returncode == 0 and "0 models" in missing.stdout and "typo does not exist yet" in missing.stdout
     for args, match in [
         (["quantize", "tiny-int8", "--registry", str(root)], "already quantized (int8-dynamic); quantize its fp32 "
                                                              "parent tiny instead"),
