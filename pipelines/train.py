@@ -854,6 +854,10 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True,
         raise ConfigError(f"parallel.workers={cfg.parallel.workers}: an in-process run has exactly one worker; "
                           "set parallel.workers=1 or run it on Ray Train workers")
     _check_resume(fs, run_path, cfg)
+    from app.registry import locate
+
+    for model in filter(None, (cfg.distill.teacher, cfg.init_from)):
+        locate(model)  # an unknown teacher or starting model fails here, before Ray starts (its checks come below)
 
     with ray_session(num_cpus or max(hi * cfg.parallel.cpus_per_worker, 1)):
         _ensure_data(cfg, data_dir, num_cpus)

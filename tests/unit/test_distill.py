@@ -139,3 +139,19 @@ def test_sdk_applies_its_arguments_to_a_config_object_too(monkeypatch):
     assert (got.distill.teacher, got.data.domains, got.distill.alpha, got.init_from, got.steps, got.name) == (
         "/models/teacher", ["code"], 0.25, "/models/student", 7, "mine")
     assert trained.steps == 9 and trained.distill.teacher is None and untouched is base
+
+
+def test_an_unknown_teacher_or_starting_model_fails_before_ray_starts(monkeypatch, tmp_path):
+    import pipelines.ray_session
+    from app.errors import UserError
+    from pipelines import train
+
+    def no_ray(*_args, **_kwargs):
+        raise AssertionError("Ray started before the models were checked")
+
+    monkeypatch.setattr(pipelines.ray_session, "ray_session", no_ray)
+    monkeypatch.setenv("SCALESTACK_REGISTRY", str(tmp_path / "registry"))
+    for field in ("distill.teacher", "init_from"):
+        cfg = load_config("tiny", [f"{field}=no-such-model", f"storage={tmp_path / 'runs'}"])
+        with pytest.raises(UserError, match="unknown model 'no-such-model'"):
+            train.run(cfg)
