@@ -72,10 +72,13 @@ def read_runs(results: Any, *, drop_highest_loss: int = 0) -> RunTable:
             path = path / "results.parquet"
         if not path.is_file():
             raise DataError(f"results file {path} does not exist; pass a sweep's results.parquet/.csv or a CSV of runs")
+        if path.suffix.lower() not in (".parquet", ".csv"):
+            raise DataError(f"{path}: a results table is a .parquet or .csv file (a sweep's results.parquet, or a CSV "
+                            "of runs with parameter, token and loss columns)")
         try:
-            frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+            frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
         except Exception as err:  # pyarrow/pandas parse errors: name the file, keep one line
-            raise DataError(f"cannot read {path} as {'Parquet' if path.suffix == '.parquet' else 'CSV'}: "
+            raise DataError(f"cannot read {path} as {'Parquet' if path.suffix.lower() == '.parquet' else 'CSV'}: "
                             f"{str(err).splitlines()[0]}") from None
         source = str(path)
     dropped = []
@@ -86,8 +89,8 @@ def read_runs(results: Any, *, drop_highest_loss: int = 0) -> RunTable:
                            f"({', '.join(sorted(frame.loc[bad, 'status'].astype(str).unique()))})")
         frame = frame[~bad]
     n_col, d_col, c_col, loss_col = (_pick(frame, r) for r in ("n", "d", "c", "loss"))
-    missing = [f"{role} ({' / '.join(COLUMNS[role])})" for role, col in
-               (("parameters", n_col), ("loss", loss_col)) if col is None]
+    missing = [f"{what} ({' / '.join(COLUMNS[role])})" for what, role, col in
+               (("parameters", "n", n_col), ("loss", "loss", loss_col)) if col is None]
     if d_col is None and c_col is None:
         missing.append("tokens (tokens / D) or compute (compute / C / Training FLOP)")
     if missing:

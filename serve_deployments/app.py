@@ -169,7 +169,13 @@ def load_serve_args(config: str | Path | dict | ServeArgs | None = None,
         path = Path(config)
         if not path.is_file():
             raise ConfigError(f"--config {path}: no such file; pass a YAML like serve_deployments/serve_config.yaml")
-        doc = yaml.safe_load(path.read_text()) or {}
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"--config {path}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") \
+                from None
         if not isinstance(doc, dict):
             raise ConfigError(f"--config {path}: expected a YAML mapping")
         if "applications" in doc:

@@ -73,6 +73,17 @@ def test_model_flag_needs_name_and_artifact() -> None:
         load_serve_args(None, [])
 
 
+def test_config_files_that_are_not_serve_configs_are_one_line_errors(tmp_path) -> None:
+    cases = {"broken.yaml": ("models: [\n", r"not valid YAML at line 2"),  # was a yaml traceback
+             "list.yaml": ("- 1\n- 2\n", "expected a YAML mapping")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=f"--config {tmp_path / name}: {message}"):
+            load_serve_args(tmp_path / name)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_serve_args(tmp_path / "missing.yaml")
+
+
 # ---- deployed: one app, two replicas of a tiny model, HTTP on loopback ----------------------------------------
 
 

@@ -105,6 +105,7 @@ def test_plan_cli_default_law_and_measured_throughput(tmp_path):
         (4, [], "approach 3 (L = E + A/N^α + B/D^β) needs at least 5 points (one per fitted parameter), got 4"),
         ("zero-loss", [], "loss must be > 0 but row 3 is 0"),
         ("no-tokens", [], "no column for tokens (tokens / D) or compute"),
+        ("no-params", [], "no column for parameters (n_params / N /"),  # this message used to be a KeyError
         (25, ["--predict-n", "1e9"], "got 1 --predict-n and 0 --predict-d; give them in pairs"),
         (25, ["--drop-highest-loss", "30"], "--drop-highest-loss 30: must be between 0 and 24"),
     ],
@@ -115,6 +116,8 @@ def test_fit_cli_mistakes_are_one_line(tmp_path, rows, args, message):
         df.loc[3, "val_loss"] = 0.0
     elif rows == "no-tokens":
         df = df.drop(columns=["tokens", "compute"])
+    elif rows == "no-params":
+        df = df.drop(columns=["n_params"])
     else:
         df = df.iloc[:rows]
     csv = tmp_path / "results.csv"
@@ -124,6 +127,13 @@ def test_fit_cli_mistakes_are_one_line(tmp_path, rows, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_fit_refuses_a_file_that_is_not_a_results_table(tmp_path):
+    (tmp_path / "fit.yaml").write_text("model: [\n")
+    result = run_cli("fit", str(tmp_path / "fit.yaml"))
+    assert result.returncode == 1 and "a results table is a .parquet or .csv file" in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
 
 
 @pytest.mark.parametrize(
