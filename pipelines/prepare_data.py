@@ -27,7 +27,7 @@ from app.data import (
     write_manifest,
 )
 from app.errors import DataError
-from app.tokenizer import Tokenizer, train_tokenizer
+from app.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 from pipelines.ray_session import ray_session
 
 
@@ -97,6 +97,11 @@ def run(
     """Prepare `sources` into `out`. An identical complete data set already in `out` is reused, not rebuilt."""
     start = time.perf_counter()
     out = Path(out)
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise DataError(f"--vocab-size {vocab_size}: byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)} "
+                        "(256 bytes and the special tokens); e.g. 2048")
+    if max_documents is not None and max_documents < 1:
+        raise DataError(f"--max-documents {max_documents}: must be at least 1 (leave it out for every document)")
     settings = {
         "sources": list(sources),
         "vocab_size": vocab_size,
@@ -112,6 +117,9 @@ def run(
 
     docs = collect_documents(sources, max_documents)
     splits = split_documents(docs, val_fraction, seed)
+    if not splits["val"]:
+        raise DataError(f"{len(docs)} document(s) leave no validation split (a domain needs 2 or more documents to "
+                        "give one up); add sources or raise --max-documents")
     tokenizer = train_tokenizer((d.text for d in splits["train"]), vocab_size)
 
     # Build in a sibling folder and swap it in at the end: an interrupted run never leaves a half-written data set

@@ -178,3 +178,17 @@ def test_windows_shift_targets():
 def test_global_batch_must_split_over_world():
     with pytest.raises(ValueError, match="not divisible by world size 3"):
         GlobalOrder(0, 10).batch_ids(0, 8, 0, 3)
+
+
+def test_prepare_data_refuses_impossible_settings_before_any_work(tmp_path):
+    import pytest
+
+    from app.errors import DataError
+    from pipelines import prepare_data
+
+    for kwargs, message in [({"vocab_size": 10}, "--vocab-size 10: byte-level BPE needs at least 259"),
+                            ({"max_documents": 0}, "--max-documents 0: must be at least 1"),
+                            ({"max_documents": 1}, "1 document\\(s\\) leave no validation split")]:
+        with pytest.raises(DataError, match=message):
+            prepare_data.run(["stdlib"], tmp_path / "out", **{"vocab_size": 512, **kwargs})
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
