@@ -87,6 +87,8 @@ def run(model: str, method: str = "int8", *, name: str | None = None, registry: 
     from app.data import load_tokens
 
     check_method(method, backend)
+    if method == "qat" and steps < 1:  # fail before the evaluation and the fine-tuning start
+        raise QuantizeError(f"--steps {steps}: QAT needs at least one training step")
     reg = Registry(registry)
     parent = load_artifact(model, registry)
     if parent.card.get("quantization"):

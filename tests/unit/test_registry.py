@@ -53,6 +53,8 @@ def test_quantize_refuses_an_existing_name_before_working(quantized):
     root, _, _ = quantized
     with pytest.raises(UserError, match="model 'tiny-int8' already exists in registry"):
         quantize.run("tiny", "int8", registry=str(root), data="/no/such/data")  # fails before touching the data
+    with pytest.raises(UserError, match="--steps 0: QAT needs at least one training step"):
+        quantize.run("tiny", "qat", registry=str(root), data="/no/such/data", steps=0, name="fresh")
 
 
 def test_publish_refuses_to_overwrite_unless_asked(fp32, tmp_path):
