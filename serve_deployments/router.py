@@ -285,8 +285,9 @@ async def call_with_retry(call: Callable[[], Awaitable[Any]], *, attempts: int =
     awaiting a DeploymentResponse does not do that by itself, and the model would go on decoding for nobody.
     """
     for attempt in range(attempts):
-        response = call()
+        response = None
         try:
+            response = call()
             return await response
         except asyncio.CancelledError:
             cancel = getattr(response, "cancel", None)  # a DeploymentResponse; plain coroutines in unit tests
