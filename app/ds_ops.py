@@ -9,7 +9,8 @@ and every later training run hangs in ``deepspeed.init_distributed`` forever.
 Two ninja builds may be on a machine (here the system's 1.11 and the 1.13 that pip installs with DeepSpeed): they
 keep incompatible build logs, so a process that found the other one first on ``PATH`` (an activated virtualenv or
 not, a Ray worker started from either) rebuilt the op, 40-60 s of its start. ``use_interpreters_ninja()`` makes
-every build run the ninja installed beside this interpreter.
+every build run the ninja installed beside this interpreter, and ``use_interpreters_extension_dir()`` keeps each
+virtualenv's builds in its own folder.
 
 ``stale_lock_breaker()`` wraps the call that may load the op: it removes a lock file once the lock *and* everything
 else in its folder have been untouched for ``STALE_AFTER_S`` (a real compile writes objects and ninja logs as it
@@ -115,11 +116,32 @@ def use_interpreters_ninja() -> Path | None:
     return ninja
 
 
+def use_interpreters_extension_dir() -> Path | None:
+    """Build extensions under this virtualenv (``PREFIX/torch_extensions``) unless ``$TORCH_EXTENSIONS_DIR`` is set;
+    returns that folder, or None where the default stays (not a virtualenv, or one that cannot be written).
+
+    torch keys its build folder by name only, and the build command holds the torch and DeepSpeed paths of the
+    interpreter that runs it: two virtualenvs sharing ``~/.cache/torch_extensions`` (two clones, CI beside a
+    checkout) rebuilt the comm op in turn, ~25-40 s each time the other one had built last."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR") or sys.prefix == sys.base_prefix:
+        return None
+    folder = Path(sys.prefix) / "torch_extensions"
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(folder, os.W_OK):
+        return None
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)  # inherited by the worker processes and compilers it starts
+    return folder
+
+
 @contextlib.contextmanager
 def comm_op_loading():
-    """Around anything that may build or load DeepSpeed's comm op: the interpreter's own ninja, stale locks
-    cleared."""
+    """Around anything that may build or load DeepSpeed's comm op: the interpreter's own ninja and extension folder,
+    stale locks cleared."""
     use_interpreters_ninja()
+    use_interpreters_extension_dir()
     with stale_lock_breaker():
         yield
 

@@ -109,3 +109,29 @@ def test_extension_builds_run_the_interpreters_own_ninja(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))  # an interpreter with no ninja beside it
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     assert use_interpreters_ninja() is None and os.environ["PATH"] == "/usr/bin:/bin"
+
+
+def test_each_virtualenv_builds_extensions_in_its_own_folder(monkeypatch, tmp_path):
+    """torch names its build folder after the extension only, while the build command holds the interpreter's torch
+    and DeepSpeed paths: two virtualenvs sharing ~/.cache/torch_extensions rebuilt the comm op in turn (~25-40 s).
+    Each now builds under its own prefix, where torch looks for it (read at build time); a folder named by the user
+    wins, and outside a virtualenv (or where the venv cannot be written) torch's default stays."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from app.ds_ops import use_interpreters_extension_dir
+
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert use_interpreters_extension_dir() == venv / "torch_extensions"
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(venv / "torch_extensions")
+    assert _get_build_directory("deepspeed_shm_comm", verbose=False).startswith(str(venv / "torch_extensions"))
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "chosen"))
+    assert use_interpreters_extension_dir() is None and os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "chosen")
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "base_prefix", str(venv))  # not a virtualenv
+    assert use_interpreters_extension_dir() is None and "TORCH_EXTENSIONS_DIR" not in os.environ
