@@ -265,6 +265,7 @@ def plan_training(
     if tokens_per_second_per_worker is not None and not tokens_per_second_per_worker > 0:
         raise ValueError(f"tokens_per_second_per_worker must be > 0, got {tokens_per_second_per_worker}")
     n_instances = math.ceil(workers / inst.workers_per_instance)
+    fit_warnings = fit.warnings  # the same for every compute the USD inversion below tries
 
     def purchase_estimate(kind: str, n_tokens: float, tokens_per_s: float) -> PurchaseEstimate:
         per_instance = preemptions_per_hour if kind == "spot" else on_demand_failures_per_hour
@@ -286,7 +287,7 @@ def plan_training(
     def plan_for(compute: float) -> TrainingPlan:
         n_opt, d_opt, _ = fit.frontier(compute)
         loss, lo, hi = fit.predict(n_opt, d_opt)
-        notes = list(fit.warnings)
+        notes = list(fit_warnings)
         factor = fit.extrapolation(compute)
         if factor > LONG_EXTRAPOLATION:
             notes.append(f"C = {compute:.3g} FLOPs is {factor:,.0f}x the largest fitted run's compute: a long "

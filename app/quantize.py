@@ -368,6 +368,12 @@ def restore(model: GPT, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> GP
 # ---- quantization-aware fine-tuning --------------------------------------------------------------------------
 
 
+def check_qat_steps(steps: int) -> None:
+    """QAT fine-tunes: refuse zero or negative steps (the CLI's --steps) in one line."""
+    if steps < 1:
+        raise QuantizeError(f"--steps {steps}: QAT needs at least one training step")
+
+
 def qat_finetune(model: GPT, tokens: np.ndarray, *, steps: int, lr: float = 1e-4, batch_size: int = 8,
                  seed: int = 0, fake_quant: bool = True,
                  on_step: Callable[[int, float], None] | None = None) -> tuple[GPT, list[float]]:
@@ -380,8 +386,7 @@ def qat_finetune(model: GPT, tokens: np.ndarray, *, steps: int, lr: float = 1e-4
     what QAT adds beyond the extra training."""
     from app.data import GlobalOrder, windows
 
-    if steps < 1:
-        raise QuantizeError(f"--steps {steps}: QAT needs at least one training step")
+    check_qat_steps(steps)
     if is_quantized(model):
         raise QuantizeError("the model is already quantized; fine-tune its fp32 parent instead")
     with _quiet():

@@ -12,6 +12,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special tokens
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -78,9 +79,9 @@ class Tokenizer:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE of at most `vocab_size` tokens (fewer if the corpus runs out of merges)."""
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
+    if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(
-            f"model.vocab_size={vocab_size} is too small for byte-level BPE; use at least {256 + len(SPECIAL_TOKENS)}"
+            f"model.vocab_size={vocab_size} is too small for byte-level BPE; use at least {MIN_VOCAB_SIZE}"
         )
     hf = _HFTokenizer(models.BPE())
     # add_prefix_space=False keeps decode(encode(x)) == x exactly; ByteLevel covers every byte, so no UNK exists.

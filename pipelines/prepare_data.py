@@ -27,7 +27,7 @@ from app.data import (
     write_manifest,
 )
 from app.errors import DataError
-from app.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from app.tokenizer import MIN_VOCAB_SIZE, Tokenizer, train_tokenizer
 from pipelines.ray_session import ray_session
 
 
@@ -97,8 +97,8 @@ def run(
     """Prepare `sources` into `out`. An identical complete data set already in `out` is reused, not rebuilt."""
     start = time.perf_counter()
     out = Path(out)
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise DataError(f"--vocab-size {vocab_size}: byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)} "
+    if vocab_size < MIN_VOCAB_SIZE:  # train_tokenizer would refuse it too, but only after collecting the corpus
+        raise DataError(f"--vocab-size {vocab_size}: byte-level BPE needs at least {MIN_VOCAB_SIZE} "
                         "(256 bytes and the special tokens); e.g. 2048")
     if max_documents is not None and max_documents < 1:
         raise DataError(f"--max-documents {max_documents}: must be at least 1 (leave it out for every document)")

@@ -15,7 +15,7 @@ from typing import Any
 from app.console import html_table, progress_bar
 from app.errors import UserError
 from app.evaluate import EvalResult, measure
-from app.quantize import QuantizeError, check_method, qat_finetune, quantize, quantized_state_dict
+from app.quantize import QuantizeError, check_method, check_qat_steps, qat_finetune, quantize, quantized_state_dict
 from app.registry import CARD, Artifact, Registry, load_artifact, machine
 
 
@@ -87,8 +87,8 @@ def run(model: str, method: str = "int8", *, name: str | None = None, registry: 
     from app.data import load_tokens
 
     check_method(method, backend)
-    if method == "qat" and steps < 1:  # fail before the evaluation and the fine-tuning start
-        raise QuantizeError(f"--steps {steps}: QAT needs at least one training step")
+    if method == "qat":
+        check_qat_steps(steps)  # before the evaluation and the fine-tuning start
     reg = Registry(registry)
     parent = load_artifact(model, registry)
     if parent.card.get("quantization"):
