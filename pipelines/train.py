@@ -756,23 +756,26 @@ def _ensure_data(cfg: TrainConfig, data_dir: Path, num_cpus: int | None) -> None
                         "with a larger data.val_fraction")
 
 
-def _resolve_teacher(cfg: TrainConfig, data_dir: Path) -> tuple[str | None, dict | None]:
-    """The teacher's artifact location (absolute, so every worker finds it) and card; checks it can teach."""
-    from app.distill import check_teacher
-
-    return _resolve_artifact(cfg.distill.teacher, check_teacher, cfg, data_dir)
-
-
-def _resolve_artifact(name: str | None, check, cfg: TrainConfig, data_dir: Path) -> tuple[str | None, dict | None]:
-    """A model the run reads (teacher, starting weights): (absolute location, card), after `check(card, model,
-    data tokenizer sha256, name)`; (None, None) when `name` is not set."""
+def _locate(name: str | None) -> tuple[str | None, dict | None]:
+    """A model the run reads (teacher, starting weights): (absolute location, so every worker finds it, and card);
+    (None, None) when `name` is not set. An unknown name fails here, in one line."""
     if not name:
         return None, None
     from app.registry import locate
 
-    location, card = locate(name)
-    check(card, cfg.model, read_manifest(data_dir).tokenizer_sha256, name)
-    return location, card
+    return locate(name)
+
+
+def _check_models(cfg: TrainConfig, data_dir: Path, teacher_card: dict | None, init_card: dict | None) -> None:
+    """The teacher can teach this run and the starting weights can start it (against the prepared data's
+    tokenizer, so after the data exists)."""
+    from app.distill import check_teacher
+
+    tokenizer_sha256 = read_manifest(data_dir).tokenizer_sha256
+    if teacher_card is not None:
+        check_teacher(teacher_card, cfg.model, tokenizer_sha256, cfg.distill.teacher)
+    if init_card is not None:
+        check_init_from(init_card, cfg.model, tokenizer_sha256, cfg.init_from)
 
 
 SHAPE_FIELDS = ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "mlp_ratio", "bias")
@@ -792,11 +795,6 @@ def check_init_from(card: dict[str, Any], model: ModelConfig, data_tokenizer_sha
     if differ:
         raise ConfigError(f"init_from={name} has another shape than this run's model; set {' '.join(differ)} "
                           "(or start from a model of this shape)")
-
-
-def _resolve_init(cfg: TrainConfig, data_dir: Path) -> tuple[str | None, dict | None]:
-    """The starting weights' artifact location (absolute) and card; checks they fit this run's model."""
-    return _resolve_artifact(cfg.init_from, check_init_from, cfg, data_dir)
 
 
 def _use_gpu(cfg: TrainConfig) -> bool:
@@ -854,15 +852,12 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True,
         raise ConfigError(f"parallel.workers={cfg.parallel.workers}: an in-process run has exactly one worker; "
                           "set parallel.workers=1 or run it on Ray Train workers")
     _check_resume(fs, run_path, cfg)
-    from app.registry import locate
-
-    for model in filter(None, (cfg.distill.teacher, cfg.init_from)):
-        locate(model)  # an unknown teacher or starting model fails here, before Ray starts (its checks come below)
+    teacher, teacher_card = _locate(cfg.distill.teacher)  # before Ray starts; their checks need the data, below
+    init_from, init_card = _locate(cfg.init_from)
 
     with ray_session(num_cpus or max(hi * cfg.parallel.cpus_per_worker, 1)):
         _ensure_data(cfg, data_dir, num_cpus)
-        teacher, teacher_card = _resolve_teacher(cfg, data_dir)
-        init_from, init_card = _resolve_init(cfg, data_dir)
+        _check_models(cfg, data_dir, teacher_card, init_card)
         use_gpu = _use_gpu(cfg)
         import torch
 
