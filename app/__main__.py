@@ -169,17 +169,9 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, help="CPUs for embedded Ray (default: all)")
 
 
-def _short(path) -> str:
-    """A path relative to the working directory when it lies inside it (shorter lines in the summary)."""
-    import os
-
-    rel = os.path.relpath(path)
-    return str(path) if rel.startswith("..") else rel
-
-
 def _sweep(args: argparse.Namespace) -> int:
     from app import sdk
-    from app.console import print_table
+    from app.console import print_table, short_path
 
     try:
         result = sdk.sweep(args.config, args.out, overrides=args.overrides, num_cpus=args.num_cpus)
@@ -194,13 +186,14 @@ def _sweep(args: argparse.Namespace) -> int:
     if not len(failed):  # all ok: leave the column out so the table fits 80 columns
         columns, rows = columns[:-1], [r[:-1] for r in rows]
     print_table(f"sweep {result.name}: {verb} in {result.wall_s:.0f} s", columns, rows)
-    print(f"results {_short(result.results_parquet)} (+ .csv); trial runs in {_short(result.sweep_dir / 'trials')}")
+    print(f"results {short_path(result.results_parquet)} (+ .csv); "
+          f"trial runs in {short_path(result.sweep_dir / 'trials')}")
     if len(failed):
         first = failed.iloc[0]
         print(f"error: {len(failed)} of {len(result.df)} trials did not finish (first: {first['trial']}: "
               f"{first['error'] or first['status']}); run the same command again to retry them", file=sys.stderr)
         return 1
-    print(f"next: python -m app fit {_short(result.results_parquet)}")
+    print(f"next: python -m app fit {short_path(result.results_parquet)}")
     args.result = {"name": result.name, "sweep_dir": result.sweep_dir, "results_parquet": result.results_parquet,
                    "wall_s": result.wall_s, "resumed": result.resumed,
                    "trials": [dict(zip(("trial", "N", "D", "C", "val_loss", "wall_s", "status"), r))
@@ -237,7 +230,7 @@ def _fit(args: argparse.Namespace) -> int:
     import math
 
     from app import sdk
-    from app.console import print_table
+    from app.console import print_table, short_path
     from app.errors import FitError
     from pipelines.fit_scaling import default_out
 
@@ -256,7 +249,7 @@ def _fit(args: argparse.Namespace) -> int:
     for name, label in (("a", "a (N_opt ∝ C^a)"), ("b", "b (D_opt ∝ C^b)")):
         rows.append((label, exps[name], _interval(*exps.get(f"{name}_ci", (math.nan, math.nan))), ""))
     source = report.runs.source
-    print(f"fitted {law.n_points} runs of {_short(source) if source != 'DataFrame' else 'a DataFrame'}")
+    print(f"fitted {law.n_points} runs of {short_path(source) if source != 'DataFrame' else 'a DataFrame'}")
     print_table("L(N, D) = E + A/N^alpha + B/D^beta", ["parameter", "estimate", f"{level} interval", "bootstrap se"],
                 rows)
     other = []
@@ -283,7 +276,7 @@ def _fit(args: argparse.Namespace) -> int:
         print(f"left out: {note}")
     for warning in law.warnings:
         print(f"warning: {warning}")
-    print(f"wrote {', '.join(_short(p) for p in report.files)}")
+    print(f"wrote {', '.join(short_path(p) for p in report.files)}")
     args.result = {**report.to_json(), "files": report.files}
     return 0
 
@@ -403,7 +396,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 
 def _quantize(args: argparse.Namespace) -> int:
     from app import sdk
-    from app.console import print_table
+    from app.console import print_table, short_path
 
     r = sdk.quantize(args.model, args.method, name=args.name, registry=args.registry, data=args.data,
                      backend=args.backend, steps=args.steps, lr=args.lr, batches=args.batches,
@@ -413,7 +406,7 @@ def _quantize(args: argparse.Namespace) -> int:
         print(f"backend: {r.fallback}; ran {r.backend} instead")
     if r.qat_losses:
         print(f"QAT: {len(r.qat_losses)} steps, training loss {r.qat_losses[0]:.3f} -> {r.qat_losses[-1]:.3f}")
-    print(f"published {r.name} to {_short(r.path)}")
+    print(f"published {r.name} to {short_path(r.path)}")
     args.result = {"name": r.name, "path": r.path, "method": r.method, "backend": r.backend, "card": r.card}
     return 0
 
@@ -431,14 +424,14 @@ def _eval(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from app import sdk
-    from app.console import print_table
+    from app.console import print_table, short_path
 
     r = sdk.evaluate(args.model, args.data, domains=args.domain, batches=args.batches, registry=args.registry)
     args.result = {**asdict(r), "perplexity": r.perplexity}
     if args.json:
         print(json.dumps(args.result, indent=2))
         return 0
-    print_table(f"eval {r.model} on {_short(r.data)}", ["metric", "value"], r.rows())
+    print_table(f"eval {r.model} on {short_path(r.data)}", ["metric", "value"], r.rows())
     print(f"{sum(r.tokens_evaluated.values()):,} validation tokens; {r.machine['cpu']}, "
           f"{r.machine['torch_threads']} torch threads; {r.seconds:.1f} s")
     return 0
@@ -459,19 +452,19 @@ def _models_args(p: argparse.ArgumentParser) -> None:
 
 def _models(args: argparse.Namespace) -> int:
     from app import sdk
-    from app.console import print_table
+    from app.console import print_table, short_path
     from app.registry import Registry
 
     reg = Registry(args.registry)
     if args.action == "show":
         print(json.dumps({"name": args.name, **reg.card(args.name)}, indent=2, sort_keys=True))
     elif args.action == "publish":
-        print(f"published {args.name} to {_short(reg.publish(args.name, args.path, overwrite=args.overwrite))}")
+        print(f"published {args.name} to {short_path(reg.publish(args.name, args.path, overwrite=args.overwrite))}")
     else:
         models = sdk.models(reg.root)
-        print_table(f"registry {_short(reg.root)}: {len(models.cards)} models", models.columns(), models.rows())
+        print_table(f"registry {short_path(reg.root)}: {len(models.cards)} models", models.columns(), models.rows())
         if not models.cards and "://" not in str(reg.root) and not Path(reg.root).exists():
-            print(f"({_short(reg.root)} does not exist yet: train, distill and quantize publish models there; "
+            print(f"({short_path(reg.root)} does not exist yet: train, distill and quantize publish models there; "
                   "another registry: --registry DIR or $SCALESTACK_REGISTRY)")
     return 0
 
@@ -536,13 +529,14 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from app.console import short_path
     from app import sdk
     from app.demo import print_report
 
     result = sdk.demo(args.out, fast=args.fast, port=args.port)
     print_report(result.report)
-    print(f"demo finished in {result.wall_s:,.0f} s; report {_short(result.report_html)} (+ report.json); "
-          f"everything in {_short(result.out)}")
+    print(f"demo finished in {result.wall_s:,.0f} s; report {short_path(result.report_html)} (+ report.json); "
+          f"everything in {short_path(result.out)}")
     args.result = {"out": str(result.out), "report_json": str(result.report_json),
                    "report_html": str(result.report_html), "wall_s": result.wall_s}
     return 0

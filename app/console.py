@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Iterator, Sequence
 
@@ -69,6 +70,12 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[obje
         needed = out_console.measure(table, options=out_console.options.update(max_width=400)).maximum
         out_console.width = max(out_console.width, needed)
     out_console.print(table)
+
+
+def short_path(path) -> str:
+    """A path relative to the working directory when it lies inside it (shorter lines), else as given."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
 
 
 def _fmt(value: object) -> str:

@@ -169,6 +169,7 @@ class _Run:
 
 def _prepare(run: _Run) -> None:
     from app import sdk
+    from app.console import short_path
 
     with run.stage("prepare both corpora") as line:
         result = sdk.prepare_data(["stdlib", "pydoc"], run.data_dir, preset=run.sizes.preset,
@@ -180,13 +181,13 @@ def _prepare(run: _Run) -> None:
             "domains": {d: {"documents": m.documents("train", d), "tokens": m.tokens("train", d)} for d in m.domains}}
         line["result"] = (f"{m.tokens('train'):,} training tokens ("
                           + ", ".join(f"{d} {m.tokens('train', d):,}" for d in m.domains)
-                          + f"), vocab {m.vocab_size} → {_rel(m.directory)}")
+                          + f"), vocab {m.vocab_size} → {short_path(m.directory)}")
 
 
 def _teacher(run: _Run):
     """Train the teacher with 2 workers (ZeRO-2) through a spot reclaim of one of their nodes."""
     from app.config import load_config
-    from app.console import err_console
+    from app.console import err_console, short_path
 
     s = run.sizes
     cfg = load_config(s.preset, [*run.common(), *s.data_overrides, *s.teacher_overrides, "name=teacher",
@@ -196,7 +197,8 @@ def _teacher(run: _Run):
         # driver's stdout: expected here, it is the simulated reclaim, so it goes to a log file instead.
         log = run.out / "logs" / "teacher-driver.log"
         log.parent.mkdir(exist_ok=True)
-        err_console.print(f"local cluster: a head without CPUs + 2 worker nodes; Ray's driver messages → {_rel(log)}")
+        err_console.print("local cluster: a head without CPUs + 2 worker nodes; Ray's driver messages → "
+                          f"{short_path(log)}")
         with open(log, "w") as sink, contextlib.redirect_stdout(sink):
             result, times = _train_through_reclaim(cfg, s)
         reclaim = _reclaim_report(result, times, s)
@@ -703,8 +705,3 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy scalars
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _rel(path) -> str:
-    rel = os.path.relpath(path)
-    return str(path) if rel.startswith("..") else rel

@@ -211,7 +211,7 @@ def run(sweep: SweepConfig | str | Path, out: str | Path | None = None, *, overr
     import ray
     from ray import tune
 
-    from app.console import err_console, progress_bar
+    from app.console import err_console, progress_bar, short_path
     from pipelines.ray_session import ray_session
     from pipelines.train import _ensure_data, _use_gpu
 
@@ -238,7 +238,7 @@ def run(sweep: SweepConfig | str | Path, out: str | Path | None = None, *, overr
     err_console.print(f"sweep {sweep.name}: {len(trials)} trials, N {min(t.n_params for t in trials):,}–"
                       f"{max(t.n_params for t in trials):,}, D {min(t.tokens for t in trials):,}–"
                       f"{max(t.tokens for t in trials):,} tokens, {total_model_flops(trials):.3g} model FLOPs → "
-                      f"{sweep_dir}")
+                      f"{short_path(sweep_dir)}")
     t_start = time.perf_counter()
     with ray_session(num_cpus):
         _ensure_data(base.model_copy(update={"data": base.data.model_copy(update={"dir": str(data_dir)})}),
@@ -311,4 +311,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
