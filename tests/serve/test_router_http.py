@@ -185,23 +185,38 @@ def test_a_client_that_leaves_a_stream_frees_the_models_row(server, tmp_path):
 def test_a_request_that_times_out_frees_the_models_row(server, tmp_path):
     """A request past router.guard.request_timeout_s is answered 504, and the router cancels its model call: the
     model stops decoding the 1,000 tokens nobody will read (1,024 context; the tiny model needs about a second for
-    them here). Serve does not do this for us: the router's handler returns normally."""
+    them here). Serve does not do this for us: the router's handler returns normally. A stream whose next token
+    does not come in time (here a model that waits 2 s to fill its batch) ends with the same message in-band, and
+    its row is freed too."""
     from ray import serve
 
     from serve_deployments.lm_server import LMServer
     from serve_deployments.router import Router
 
-    lm = LMServer.options(name="slow", ray_actor_options={"num_cpus": 0.25}).bind(
-        str(_tiny_artifact(tmp_path / "slow", 3, seq_len=1024)), "slow")
+    artifact = str(_tiny_artifact(tmp_path / "slow", 3, seq_len=1024))
+    lm = LMServer.options(name="slow", ray_actor_options={"num_cpus": 0.25}).bind(artifact, "slow")
+    stalled = LMServer.options(name="stalled", ray_actor_options={"num_cpus": 0.25},
+                               user_config={"batch_wait_timeout_s": 2.0}).bind(artifact, "stalled")
     serve.run(Router.options(ray_actor_options={"num_cpus": 0.25}).bind(
-        {"slow": lm}, {"guard": {"rate_per_s": 0, "request_timeout_s": 0.2}}), name="slow", route_prefix="/slow")
-    handle = serve.get_deployment_handle("slow", "slow")
+        {"slow": lm, "stalled": stalled}, {"guard": {"rate_per_s": 0, "request_timeout_s": 0.2}}), name="slow",
+        route_prefix="/slow")
     try:
         body = {"prompt": "def", "model": "slow", "max_tokens": 1000, "temperature": 0, "stop": ["never-\u2603"]}
         r = post(server, "/slow/v1/completions", body)
         assert r.status_code == 504 and "request_timeout_s=0.2" in r.json()["error"]["message"], r.text
+        handle = serve.get_deployment_handle("slow", "slow")
         stats = batch_stats_when(handle, lambda st: st["cancelled"] or st["steps"] >= 999, 30)
         assert stats["requests"] == 1 and stats["cancelled"] == 1 and stats["steps"] < 999, stats
+
+        with post(server, "/slow/v1/completions", {**body, "model": "stalled", "stream": True}, stream=True) as r:
+            assert r.status_code == 200  # the status line went out before the first token was due
+            events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+        error = json.loads(events[-2])["error"]
+        assert "no token within router.guard.request_timeout_s=0.2" in error["message"], events
+        assert events[-1] == "[DONE]"
+        handle = serve.get_deployment_handle("stalled", "slow")
+        stats = batch_stats_when(handle, lambda st: st["cancelled"], 30)
+        assert stats["cancelled"] == 1 and stats["steps"] < 999, stats
     finally:
         serve.delete("slow")
 
