@@ -62,10 +62,8 @@ class CausalSelfAttention(nn.Module):
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """attn_mask [B, 1, T, S] (True = may attend), from GPT.forward_padded, replaces the causal mask."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, H, T, hd]
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, H, T, hd]
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, H, T, hd]
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, hd]
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, start_pos)  # [B, H, S, hd], S = start_pos + T
         # SDPA's is_causal aligns its mask to the top left, which is right only when queries and keys start at
@@ -80,20 +78,21 @@ class CausalSelfAttention(nn.Module):
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None and T > 1 and S == T,
         )  # [B, H, T, hd]
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
-        return self.resid_drop(self.c_proj(y))
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # heads side by side, then the output projection
+        # dropout only where it acts: a module call per use is a measurable share of a small model's decode step
+        return self.resid_drop(y) if self.training and self.dropout else y
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias)
-        self.gelu = nn.GELU()
         self.c_proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.c_proj(self.gelu(self.c_fc(x))))
+        y = self.c_proj(F.gelu(self.c_fc(x)))
+        return self.drop(y) if self.training and self.drop.p else y
 
 
 class Block(nn.Module):
@@ -126,7 +125,8 @@ class Embedding(nn.Module):
         """positions [B, T] overrides start_pos.. (rows of a left-padded batch start at different slots)."""
         if positions is None:
             positions = torch.arange(start_pos, start_pos + idx.size(1), device=idx.device)  # [T]
-        return self.drop(self.wte(idx) + self.wpe(positions))  # [B, T, D]
+        x = self.wte(idx) + self.wpe(positions)  # [B, T, D]
+        return self.drop(x) if self.training and self.drop.p else x
 
 
 class Head(nn.Module):

@@ -132,6 +132,24 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={INT4_GROUP_SIZE}"
 
 
+@functools.lru_cache(maxsize=None)
+def _int8_dynamic_linear_cls() -> type:
+    """torch.ao's dynamic int8 Linear with a leaner forward: the same fbgemm op on the same packed weights, called
+    through its resolved overload. torch.ao's forward re-reads the packed params' dtype and goes through the op
+    packet's Python dispatch checks on every call: ~11 µs a layer, ~8% of a 3-layer student's decode step at
+    batch 1 (measured on this CPU, outputs identical)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    linear_dynamic = torch.ops.quantized.linear_dynamic.default
+
+    class Int8DynamicLinear(DynamicLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # qint8 weights, reduce_range=True (torch.ao's version-4 modules): what DynamicLinear.forward runs
+            return linear_dynamic(x, self._packed_params._packed_params, True)
+
+    return Int8DynamicLinear
+
+
 def linear_layers(model: nn.Module) -> tuple[str, ...]:
     """Names of the model's nn.Linear modules (attention, MLP and the output head), in module order."""
     return tuple(name for name, mod in model.named_modules() if type(mod) is nn.Linear)
@@ -179,7 +197,8 @@ def _apply(model: GPT, method: str, backend: str, layers: tuple[str, ...]) -> GP
         # Per-channel int8 weights (one scale per output row) like torchao's PerRow; activations are quantized
         # per tensor at run time by fbgemm.
         qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        return torch.ao.quantization.quantize_dynamic(model, {name: qconfig for name in layers}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(model, {name: qconfig for name in layers}, dtype=torch.qint8,
+                                                      mapping={nn.Linear: _int8_dynamic_linear_cls()})
 
 
 @functools.lru_cache(maxsize=None)
