@@ -529,8 +529,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from app.console import short_path
     from app import sdk
+    from app.console import short_path
     from app.demo import print_report
 
     result = sdk.demo(args.out, fast=args.fast, port=args.port)

@@ -157,8 +157,8 @@ def import_muon_uncompiled() -> None:
     whether the optimizer is Muon). At import that module wraps three kernels in ``torch.compile``, and
     ``torch.compile`` imports torch's inductor compiler on the spot: 2.6 s of a 3.4 s ``initialize`` for the tiny
     model, paid by every worker at every start and restart. We never train with Muon (the optimizer is always
-    ``app.optim.AdamW``, torch's own), so we import it once with ``torch.compile`` standing in as the identity: the module and
-    its classes are all there, its kernels just stay eager."""
+    ``app.optim.AdamW``, torch's own), so we import it once with ``torch.compile`` standing in as the identity: the
+    module and its classes are all there, its kernels just stay eager."""
     if MUON_MODULE in sys.modules:
         return
     import torch
