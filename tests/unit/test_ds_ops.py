@@ -90,8 +90,8 @@ print(json.dumps({"optimizer": type(engine.optimizer).__name__, "dynamo": "torch
                          capture_output=True, text=True, check=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"optimizer": "DeepSpeedZeroOptimizer", "dynamo": False, "muon_eager": True, "stepped": True, "inductor": False,
-                   "compile_restored": True}
+    assert got == {"optimizer": "DeepSpeedZeroOptimizer", "dynamo": False, "muon_eager": True, "stepped": True,
+                   "inductor": False, "compile_restored": True}
 
 
 def test_extension_builds_run_the_interpreters_own_ninja(monkeypatch, tmp_path):
