@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from app.errors import UserError
 from app.model import GPT
@@ -40,6 +41,7 @@ METHODS = {"int8": "int8-dynamic", "int8-weight-only": "int8-weight-only", "int4
 BACKENDS = ("auto", "torchao", "torch.ao", "aten")
 INT4_GROUP_SIZE = 32  # weights per int4 scale; divides every width the presets use
 _PARTS = ("qdata", "scale", "zero_point")  # names of a quantized weight's stored tensors: LAYER.weight.PART
+_LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default  # fbgemm's dynamic int8 linear, resolved once
 
 
 class QuantizeError(UserError):
@@ -132,22 +134,16 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={INT4_GROUP_SIZE}"
 
 
-@functools.lru_cache(maxsize=None)
-def _int8_dynamic_linear_cls() -> type:
+class Int8DynamicLinear(DynamicLinear):
     """torch.ao's dynamic int8 Linear with a leaner forward: the same fbgemm op on the same packed weights, called
     through its resolved overload. torch.ao's forward re-reads the packed params' dtype and goes through the op
     packet's Python dispatch checks on every call: ~11 µs a layer, ~8% of a 3-layer student's decode step at
-    batch 1 (measured on this CPU, outputs identical)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    batch 1 (measured on this CPU, outputs identical). `quantize_dynamic` builds it (our mapping), so it is a
+    DynamicLinear in every other respect."""
 
-    linear_dynamic = torch.ops.quantized.linear_dynamic.default
-
-    class Int8DynamicLinear(DynamicLinear):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            # qint8 weights, reduce_range=True (torch.ao's version-4 modules): what DynamicLinear.forward runs
-            return linear_dynamic(x, self._packed_params._packed_params, True)
-
-    return Int8DynamicLinear
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # qint8 weights, reduce_range=True (torch.ao's version-4 modules): what DynamicLinear.forward runs
+        return _LINEAR_DYNAMIC(x, self._packed_params._packed_params, True)
 
 
 def linear_layers(model: nn.Module) -> tuple[str, ...]:
@@ -157,8 +153,6 @@ def linear_layers(model: nn.Module) -> tuple[str, ...]:
 
 def is_quantized(model: nn.Module) -> bool:
     """True when any module is a torch.ao quantized module or holds a torchao quantized weight."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
     with _quiet():
         from torchao.utils import TorchAOBaseTensor
     return any(isinstance(m, (DynamicLinear, Int4Linear)) or isinstance(getattr(m, "weight", None), TorchAOBaseTensor)
@@ -198,7 +192,7 @@ def _apply(model: GPT, method: str, backend: str, layers: tuple[str, ...]) -> GP
         # per tensor at run time by fbgemm.
         qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
         return torch.ao.quantization.quantize_dynamic(model, {name: qconfig for name in layers}, dtype=torch.qint8,
-                                                      mapping={nn.Linear: _int8_dynamic_linear_cls()})
+                                                      mapping={nn.Linear: Int8DynamicLinear})
 
 
 @functools.lru_cache(maxsize=None)
