@@ -149,6 +149,26 @@ def test_int4_linear_computes_with_its_stored_int4_values():
     torch.testing.assert_close(got, expected, rtol=0.02, atol=0.02)
 
 
+def test_int8_layers_use_the_lean_forward_with_torch_aos_results(parent):
+    """The torch.ao backend builds Int8DynamicLinear (a DynamicLinear whose forward calls fbgemm's op directly):
+    every quantized layer is one, and each gives exactly what torch.ao's own forward gives on the same weights."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from app.quantize import Int8DynamicLinear
+
+    fp32 = parent[2].model
+    model, spec = quantize(fp32, "int8", backend="torch.ao")
+    layers = dict(model.named_modules())
+    assert spec.layers and all(type(layers[name]) is Int8DynamicLinear for name in spec.layers)
+    x = torch.randn(3, 7, fp32.cfg.d_model)
+    for name in spec.layers:
+        layer = layers[name]
+        if layer.in_features != x.size(-1):
+            continue  # the MLP's down projection takes the wider activations
+        with torch.no_grad():
+            assert torch.equal(layer(x), DynamicLinear.forward(layer, x))
+
+
 def test_int4_backends_fail_in_one_line_where_they_cannot_run(parent):
     from app.quantize import _int4_unavailable
 
