@@ -24,18 +24,13 @@ from torch.optim import Optimizer
 _AdamW = torch.optim.AdamW
 
 
-def _undecorated(method):
-    """The function under torch's decorators (dynamo's, and the profiling hook torch adds to an optimizer class's
-    ``step`` once it has an instance), or the method itself if there are none. The hook comes back on our own
-    ``step``: Optimizer.__init__ adds it to whichever class it constructs."""
-    return inspect.unwrap(method)
-
-
-_add_param_group = _undecorated(Optimizer.add_param_group)
-_zero_grad = _undecorated(Optimizer.zero_grad)
-_state_dict = _undecorated(Optimizer.state_dict)
-_load_state_dict = _undecorated(Optimizer.load_state_dict)
-_step = _undecorated(_AdamW.step)
+# The functions beneath torch's decorators: dynamo's, and (unwrap follows every __wrapped__) the profiling hook torch
+# puts on an optimizer class's `step` at its first instance; Optimizer.__init__ puts that hook back on our `step`.
+_add_param_group = inspect.unwrap(Optimizer.add_param_group)
+_zero_grad = inspect.unwrap(Optimizer.zero_grad)
+_state_dict = inspect.unwrap(Optimizer.state_dict)
+_load_state_dict = inspect.unwrap(Optimizer.load_state_dict)
+_step = inspect.unwrap(_AdamW.step)
 
 
 class AdamW(_AdamW):

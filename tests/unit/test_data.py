@@ -181,8 +181,6 @@ def test_global_batch_must_split_over_world():
 
 
 def test_prepare_data_refuses_impossible_settings_before_any_work(tmp_path):
-    import pytest
-
     from app.errors import DataError
     from pipelines import prepare_data
 
