@@ -192,6 +192,11 @@ class ElasticConfig(StrictModel):
     worker_group_start_timeout_s: float = Field(gt=0, description="Give up starting a worker group after this long.")
     health_check_interval_s: float = Field(gt=0, description="Seconds between Ray Train's worker health checks.")
     preemption_poll_interval_s: float = Field(gt=0, description="Seconds between Ray's polls for drain notices.")
+    warm_standby: bool = Field(
+        description="Keep one idle worker process per training worker (and on a node that joins) with torch, "
+        "DeepSpeed and this project already imported, so a restarted group skips those imports "
+        "(pipelines/standby.py); only for runs that can restart."
+    )
 
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

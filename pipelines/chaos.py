@@ -261,6 +261,14 @@ def recovery_s(records: list[dict], death: float) -> float | None:
     return min(after) - death if after else None
 
 
+def warm_workers(attempt: dict) -> str:
+    """'warm/all' for one worker group: how many of its workers were warm standbys, processes that already ran when
+    the controller began creating the group (pipelines/standby.py)."""
+    workers, start = attempt.get("workers", []), attempt.get("group_start")
+    warm = sum(start is not None and w["process_start"] < start for w in workers)
+    return f"{warm}/{len(workers)}"
+
+
 def measure(reference, disturbed, times: dict[str, float], scenario: str) -> dict[str, Any]:
     """The chaos report: what the fault cost against the undisturbed reference."""
     import numpy as np
@@ -285,6 +293,8 @@ def measure(reference, disturbed, times: dict[str, float], scenario: str) -> dic
         "restarts": disturbed.summary["restarts"],
         "resumed_from_steps": [a["start_step"] for a in disturbed.attempts],
         "steps": disturbed.summary["steps"],
+        # per restarted group: how many of its workers were warm standbys (processes started before the group)
+        "warm_standby_workers": [warm_workers(a) for a in disturbed.attempts[1:]],
     }
     if "notice" in times:
         report["notice_s"] = round(times["death"] - times["notice"], 2)

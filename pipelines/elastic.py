@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         self._pending: _PendingResize | None = None
         self._now = time.monotonic
         self._leaving: set[str] = set()  # nodes seen draining and still on Ray's books
+        self._seen: set[str] | None = None  # nodes with reserved resources at the last look (None: no look yet)
         self._read_failures = 0  # reads of the reserved resources that failed in a row
 
     def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
@@ -132,9 +134,31 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         # Forgotten once Ray no longer lists it at all (declared dead): node ids are never reused.
         self._leaving = (self._leaving | draining_nodes()) & set(reserved_resources)
         staying = {node: res for node, res in reserved_resources.items() if node not in self._leaving}
+        self._warm_joined_nodes(staying)
         possible = super()._count_possible_workers(staying)
         i = bisect.bisect_right(self._accepted, possible)
         return self._accepted[i - 1] if i else 0
+
+    def _warm_joined_nodes(self, staying: dict) -> None:
+        """A node that joins gets warm standby processes (pipelines/standby.py) as soon as it is seen, so that the
+        restart that grows the group onto it does not pay the imports there. The nodes of the first look already
+        run workers, which ask for their own."""
+        joined = set(staying) - self._seen if self._seen is not None else set()
+        self._seen = set(staying)
+        if not joined or self._board is None:
+            return
+        try:
+            runtime_env = ray_get(self._board.standby_env.remote())
+        except Exception:  # the board is gone: the run is ending
+            return
+        if runtime_env is None:  # the run keeps no standbys
+            return
+        from pipelines import standby
+
+        for node in joined:
+            count = super()._count_possible_workers({node: staying[node]})
+            if count:
+                standby.request(node, runtime_env, count=count)
 
 
 def ray_get(ref, timeout: float = 5.0):
@@ -163,6 +187,8 @@ class ElasticTorchTrainer(TorchTrainer):
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
+        if self._board is not None:
+            callbacks.append(GroupStartCallback(self._board))
         if _state_api_available():
             return callbacks
         # Ray's PlacementGroupCleaner asks the state API (served by the dashboard) whether the controller still
@@ -175,6 +201,17 @@ class ElasticTorchTrainer(TorchTrainer):
             kwargs["scaling_policy"] = AcceptedSizesScalingPolicy(self.scaling_config, self._accepted_sizes,
                                                                   self._board)
         return super()._initialize_and_run_controller(**kwargs)
+
+
+class GroupStartCallback(WorkerGroupCallback):
+    """Tells the run's progress board when the controller starts creating a worker group, so that each worker can be
+    told apart as a warm standby (its process already ran) or a cold start (pipelines/standby.py)."""
+
+    def __init__(self, board) -> None:
+        self._board = board
+
+    def before_worker_group_start(self, worker_group_context) -> None:
+        self._board.group_starting.remote(time.time())
 
 
 def _state_api_available() -> bool:

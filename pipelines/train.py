@@ -91,10 +91,17 @@ def _progress_board_cls():
             self.ledger: dict[str, float] = {}
             self.workers: list[dict] = []  # every worker process ever started: rank, pid, node, attempt
             self.save_requests, self.save_request, self.saves_done = 0, None, set()  # checkpoints before resizes
+            self.runtime_env: str | None = None
+            self.group_starts: list[float] = []  # when the controller began creating each worker group (epoch s)
 
-        def worker(self, rank: int, pid: int, node_id: str) -> None:
+        def group_starting(self, at: float) -> None:
+            self.group_starts.append(at)
+
+        def worker(self, rank: int, pid: int, node_id: str, process_start: float) -> None:
+            """A worker of the newest attempt registers; `process_start` (epoch s) tells a warm standby (a process
+            started before its group was) from a cold start."""
             self.workers.append({"rank": rank, "pid": pid, "node_id": node_id, "attempt": len(self.attempts),
-                                 "time": time.time()})
+                                 "time": time.time(), "process_start": process_start})
 
         def live_workers(self) -> list[dict]:
             """Workers of the newest attempt (a fault injector's targets)."""
@@ -102,10 +109,16 @@ def _progress_board_cls():
             return [w for w in self.workers if w["attempt"] == latest]
 
         def attempt(self, world_size: int, start_step: int, from_dp: int | None, conversion_s: float,
-                    train_tokens: int) -> None:
+                    train_tokens: int, runtime_env: str | None = None) -> None:
             self.attempts.append({"world_size": world_size, "start_step": start_step, "from_dp": from_dp,
                                   "universal_conversion_s": conversion_s, "train_tokens": train_tokens,
                                   "time": time.time()})
+            self.runtime_env = runtime_env
+
+        def standby_env(self) -> str | None:
+            """The workers' serialized runtime environment when the run keeps warm standbys (pipelines/standby.py):
+            what the elastic policy asks a joining node's raylet for."""
+            return self.runtime_env
 
         def log(self, record: dict, ledger: dict[str, float]) -> None:
             self.records.append({**record, "attempt": len(self.attempts)})
@@ -135,7 +148,11 @@ def _progress_board_cls():
             return [(a["time"], a["world_size"]) for a in self.attempts]
 
         def snapshot(self, since: int = 0) -> tuple[list[dict], list[dict], dict[str, float]]:
-            return self.records[since:], self.attempts, dict(self.ledger)
+            """New records, every attempt (with its workers) and the goodput ledger so far."""
+            attempts = [{**a, "workers": [w for w in self.workers if w["attempt"] == i],
+                         "group_start": max((t for t in self.group_starts if t <= a["time"]), default=None)}
+                        for i, a in enumerate(self.attempts, start=1)]
+            return self.records[since:], attempts, dict(self.ledger)
 
     return ProgressBoard
 
@@ -315,8 +332,10 @@ def train_loop_per_worker(config: dict) -> None:
     from app.distill import kd_loss
     from app.metrics import RayTrainMetrics, matmul_peak_flops, mfu, straggler_ratio
     from app.parallel import resolve_precision
+    from pipelines import standby
 
     t_begin = time.perf_counter()
+    standby.claim()  # this process trains now: if it was a warm standby, it no longer waits to be reaped
     cfg = TrainConfig.model_validate(config["cfg"])
     board, data_dir = config["board"], config["data_dir"]
     ctx = _train_fn_utils().get_context()
@@ -369,11 +388,13 @@ def train_loop_per_worker(config: dict) -> None:
                 _repair_universal_load(engine, decay_by_group)
         start_step = found.state["step"]
         restore_s = time.perf_counter() - t0
+    node_id, runtime_env = ray.get_runtime_context().get_node_id(), ray.get_runtime_context().get_runtime_env_string()
     if rank == 0:
         ray.get(board.attempt.remote(world, start_step, found.state["dp"] if found else None, conversion_s,
-                                     len(stream)))
+                                     len(stream), runtime_env if config.get("warm_standby") else None))
     dist.barrier()  # every worker registers under this attempt, not the previous one (a fault injector's targets)
-    board.worker.remote(rank, os.getpid(), ray.get_runtime_context().get_node_id())
+    board.worker.remote(rank, os.getpid(), node_id, standby.process_start_time())
+    standby_due = bool(config.get("warm_standby"))
 
     mtbf_s = _mtbf_seconds(cfg, ray.get(board.started.remote())) if rank == 0 else 0.0
     ledger = {"startup": time.perf_counter() - t_begin - restore_s, "restore": restore_s}
@@ -384,7 +405,9 @@ def train_loop_per_worker(config: dict) -> None:
     gauges = RayTrainMetrics(cfg.name) if rank == 0 else None
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
     jit_saved, last_save_s = False, 0.0
-    check_due, last_check, save_token = True, time.monotonic(), None
+    # The first drain-notice check waits one poll interval: its barrier goes through Ray Train's synchronization
+    # actor, which every new group starts afresh (a new process: ~1.3 s measured here); meanwhile the group trains.
+    check_due, last_check, save_token = False, time.monotonic(), None
     for step in range(start_step, end):
         # Dropout masks depend only on (seed, step, rank): a resumed step draws exactly what it drew before.
         torch.manual_seed(cfg.seed * 1_000_003 + step * 4099 + rank)
@@ -408,6 +431,9 @@ def train_loop_per_worker(config: dict) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         step_time = time.perf_counter() - t0
+        if standby_due:  # once the group trains (not while it restores): a warm process for the next restart
+            threading.Thread(target=standby.request, args=(node_id, runtime_env), daemon=True).start()
+            standby_due = False
 
         done = step + 1
         # A drain notice (spot reclaim) reaches every rank through this barrier at the same steps: those where the
@@ -841,6 +867,7 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True,
 
     from app.console import progress_bar
     from app.model import GPT
+    from pipelines import standby
     from pipelines.elastic import ElasticTorchTrainer, apply_recovery_env
     from pipelines.ray_session import ray_session
 
@@ -874,6 +901,7 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True,
                 ray.get_runtime_context().get_node_id(), soft=False)).remote()
         resources = {"CPU": cfg.parallel.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
         apply_recovery_env(cfg.elastic.model_dump())
+        warm_standby = cfg.elastic.warm_standby and not in_process
         if in_process:
             _single_process_group_env()
         trainer = ElasticTorchTrainer(
@@ -881,13 +909,16 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True,
             accepted_sizes=accepted, board=board,
             train_loop_config={"cfg": cfg.model_dump(), "board": board, "data_dir": str(data_dir),
                                "config_hash": cfg.config_hash(), "flops_per_token": flops_per_token,
-                               "teacher": teacher, "init_from": init_from, "storage": storage},
+                               "teacher": teacher, "init_from": init_from, "storage": storage,
+                               "warm_standby": warm_standby},
             scaling_config=ScalingConfig(num_workers=0, use_gpu=use_gpu) if in_process else ScalingConfig(
                 num_workers=hi if lo == hi else (lo, hi), use_gpu=use_gpu, resources_per_worker=resources,
                 elastic_resize_monitor_interval_s=cfg.elastic.resize_monitor_interval_s),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(
-                max_failures=cfg.max_failures, max_preemption_failures=cfg.elastic.max_preemption_failures)),
+                max_failures=cfg.max_failures, max_preemption_failures=cfg.elastic.max_preemption_failures),
+                worker_runtime_env=standby.worker_runtime_env(
+                    ray.get_runtime_context().namespace, board_name(cfg.name), use_gpu) if warm_standby else {}),
         )
         outcome: dict[str, Any] = {}
         t_start = time.perf_counter()

@@ -208,3 +208,58 @@ def test_a_resize_goes_ahead_without_a_checkpoint_after_the_timeout(monkeypatch)
     assert isinstance(policy.make_decision_for_running_worker_group(None, None), NoopDecision)
     assert isinstance(policy.make_decision_for_running_worker_group(None, None), NoopDecision)
     assert policy.make_decision_for_running_worker_group(None, None) is grow  # waited long enough
+
+
+def test_a_joining_node_gets_warm_standbys_before_the_group_grows_onto_it(monkeypatch):
+    """The nodes of the first look run workers, which ask for their own standbys; a node that joins later gets one
+    per worker it can hold, with the workers' runtime environment read from the board, and only once."""
+    from types import SimpleNamespace
+
+    from pipelines import elastic, standby
+
+    asked = []
+    monkeypatch.setattr(standby, "request", lambda node, env, count=1: asked.append((node, env, count)) or True)
+    monkeypatch.setattr(elastic, "ray_get", lambda value, timeout=5.0: value)
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
+    board = SimpleNamespace(standby_env=SimpleNamespace(remote=lambda: '{"env_vars":{"X":"1"}}'))
+    policy = elastic.AcceptedSizesScalingPolicy(
+        ScalingConfig(num_workers=(1, 4), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2, 4], board=board)
+    a, b, c = "a" * 56, "b" * 56, "c" * 56
+    policy._count_possible_workers({a: {"CPU": 1.0}})
+    assert asked == []  # the first look: a runs workers already
+    policy._count_possible_workers({a: {"CPU": 1.0}, b: {"CPU": 2.0}, c: {"CPU": 0.5}})
+    assert asked == [(b, '{"env_vars":{"X":"1"}}', 2)]  # b holds two workers; c none
+    policy._count_possible_workers({a: {"CPU": 1.0}, b: {"CPU": 2.0}, c: {"CPU": 0.5}})
+    assert len(asked) == 1  # seen before: not asked again
+
+
+def test_no_standbys_for_a_run_that_keeps_none(monkeypatch):
+    from types import SimpleNamespace
+
+    from pipelines import elastic, standby
+
+    asked = []
+    monkeypatch.setattr(standby, "request", lambda *args, **kwargs: asked.append(args))
+    monkeypatch.setattr(elastic, "ray_get", lambda value, timeout=5.0: value)
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
+    board = SimpleNamespace(standby_env=SimpleNamespace(remote=lambda: None))  # elastic.warm_standby=false
+    policy = elastic.AcceptedSizesScalingPolicy(
+        ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2], board=board)
+    policy._count_possible_workers({"a" * 56: {"CPU": 1.0}})
+    policy._count_possible_workers({"a" * 56: {"CPU": 1.0}, "b" * 56: {"CPU": 1.0}})
+    assert asked == []
+
+
+def test_the_trainer_tells_the_board_when_each_group_starts(ray_local):
+    from types import SimpleNamespace
+
+    from pipelines.elastic import GroupStartCallback
+
+    starts = []
+    board = SimpleNamespace(group_starting=SimpleNamespace(remote=starts.append))
+    trainer = ElasticTorchTrainer(lambda: None, accepted_sizes=[1, 2], board=board,
+                                  scaling_config=ScalingConfig(num_workers=2))
+    callbacks = [c for c in trainer._create_default_callbacks() if isinstance(c, GroupStartCallback)]
+    assert len(callbacks) == 1
+    callbacks[0].before_worker_group_start(None)
+    assert len(starts) == 1 and abs(starts[0] - __import__("time").time()) < 5
