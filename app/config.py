@@ -216,7 +216,10 @@ class TrainConfig(StrictModel):
     )
     eval_every: int = Field(ge=0, description="Compute validation loss every N steps (0 = only at the end).")
     eval_batches: int = Field(gt=0, description="Micro-batches averaged for one validation loss.")
-    log_every: int = Field(gt=0, description="Report metrics every N steps.")
+    log_every: int = Field(
+        gt=0, description="Report metrics to Ray Train at most every N steps (and at most once per two health-check "
+        "intervals); every step still reaches the run's history."
+    )
     max_failures: int = Field(ge=-1, description="Worker-group failures to recover from (-1 = unlimited).")
     init_from: str | None = Field(
         default=None, description="Start from this model's weights (a registry name or artifact folder) instead of "

@@ -80,6 +80,12 @@ class TrainResult:
 # Progress board: rank 0 posts every step here; the driver polls it for the progress bar and the history.
 
 
+BOARD_POST_INTERVAL_S = 0.25
+"""Rank 0 posts its step records to the board at most this often, and at every checkpoint and drain notice: one
+actor call per step cost ~1 ms of a tiny preset's ~20 ms step. A worker killed without notice takes up to this much of
+its last records with it: steps that are lost work anyway, which then count as 'other' time rather than 'lost'."""
+
+
 def _progress_board_cls():
     import ray
 
@@ -120,8 +126,8 @@ def _progress_board_cls():
             what the elastic policy asks a joining node's raylet for."""
             return self.runtime_env
 
-        def log(self, record: dict, ledger: dict[str, float]) -> None:
-            self.records.append({**record, "attempt": len(self.attempts)})
+        def log(self, records: list[dict], ledger: dict[str, float]) -> None:
+            self.records.extend({**record, "attempt": len(self.attempts)} for record in records)
             for k, v in ledger.items():
                 self.ledger[k] = self.ledger.get(k, 0.0) + v
 
@@ -399,7 +405,8 @@ def train_loop_per_worker(config: dict) -> None:
     mtbf_s = _mtbf_seconds(cfg, ray.get(board.started.remote())) if rank == 0 else 0.0
     ledger = {"startup": time.perf_counter() - t_begin - restore_s, "restore": restore_s}
     attempt_productive_s = 0.0
-    last_save = last_report = time.monotonic()
+    last_save = last_report = last_post = time.monotonic()
+    unposted: list[dict] = []  # rank 0's records not yet on the board (with `ledger`, the seconds they add)
     retry_at, failures_in_a_row, storage_failures = None, 0, 0  # checkpoints deferred by unwritable storage
     report_gap_s = 2 * cfg.elastic.health_check_interval_s
     gauges = RayTrainMetrics(cfg.name) if rank == 0 else None
@@ -408,6 +415,10 @@ def train_loop_per_worker(config: dict) -> None:
     # The first drain-notice check waits one poll interval: its barrier goes through Ray Train's synchronization
     # actor, which every new group starts afresh (a new process: ~1.3 s measured here); meanwhile the group trains.
     check_due, last_check, save_token = False, time.monotonic(), None
+    last_check_step = last_report_step = start_step
+    # Steps since the workers last agreed, this rank's view: (loss, step seconds, KL, learning rate, end time).
+    rows: list[tuple[float, float, float, float, float]] = []
+    next_sync = start_step + 1
     for step in range(start_step, end):
         # Dropout masks depend only on (seed, step, rank): a resumed step draws exactly what it drew before.
         torch.manual_seed(cfg.seed * 1_000_003 + step * 4099 + rank)
@@ -436,62 +447,78 @@ def train_loop_per_worker(config: dict) -> None:
             standby_due = False
 
         done = step + 1
+        ledger["productive"] = ledger.get("productive", 0.0) + step_time
+        attempt_productive_s += step_time
+        rows.append((loss, step_time, train_kl if not pipelined else 0.0, engine.get_lr()[0], time.time()))
+        last = done == end
+        evaluated = last or bool(cfg.eval_every and done % cfg.eval_every == 0)
+        on_schedule = last or bool(cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0)
+        retry_due = retry_at is not None and done >= retry_at
+        # The workers agree (one all-gather) at the step rank 0 named last time, about every SYNC_INTERVAL_S, and at
+        # every step they all know to be special; in between each rank just trains.
+        if done < next_sync and not (evaluated or on_schedule or retry_due):
+            continue
+
         # A drain notice (spot reclaim) reaches every rank through this barrier at the same steps: those where the
-        # previous step's table says it is due (Ray refreshes drain notices once per preemption_poll_interval_s, so
-        # asking every step, ~5 ms each on two CPU workers, only costs), and every step while a notice stands.
-        check = check_due and done % cfg.elastic.preemption_check_every == 0
+        # last agreement says it is due (Ray refreshes drain notices once per preemption_poll_interval_s, so asking
+        # every step, ~5 ms each on two CPU workers, only costs), and every step while a notice stands.
+        check = check_due and done - last_check_step >= cfg.elastic.preemption_check_every
         notice = _train_fn_utils().get_preemption_info() if check else None
         if check:
-            last_check = time.monotonic()
+            last_check, last_check_step = time.monotonic(), done
             if rank == 0:  # at the same cadence: has the elastic policy asked for a checkpoint before a resize?
                 save_token = ray.get(board.pending_save.remote())
-        # One small all-gather per step: the global mean loss, per-rank step times (stragglers), and rank 0's
-        # wall-clock decisions (a timed checkpoint; winding down before a preemption deadline; the next notice
-        # check), so every rank takes the same branch below; then each rank's sample ids.
+        # One small all-gather: rank 0's wall-clock decisions (a timed checkpoint; winding down before a preemption
+        # deadline; a report; the next notice check; the next agreement), so that every rank takes the same branch
+        # below, and for each step since the last agreement every rank's loss and step time and the sample ids it
+        # trained on.
         interval_s = _checkpoint_interval_s(cfg, last_save_s, step_time, mtbf_s)
         time_says_save = float(interval_s is not None and time.monotonic() - last_save >= interval_s)
         wind_down = float(notice is not None and _must_wind_down(notice, step_time, last_save_s))
         time_says_check = float(notice is not None
                                 or time.monotonic() - last_check >= cfg.elastic.preemption_poll_interval_s)
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-        kl_now = train_kl if not pipelined else 0.0
         # ray.train.report blocks until Ray Train's controller has taken the previous report, which it polls once
         # per health-check interval (~0.9 s per report measured when reporting every few steps): report at most
         # once per two intervals so a report never waits. Every step still reaches the board and the gauges.
-        time_says_report = float(done % cfg.log_every == 0 and time.monotonic() - last_report >= report_gap_s)
+        time_says_report = float(done - last_report_step >= cfg.log_every
+                                 and time.monotonic() - last_report >= report_gap_s)
         save_for_resize = float(check and save_token is not None)
-        table, sample_ids = _gather_step_table(
-            [loss, step_time, time_says_save, rss_mb, wind_down, kl_now, time_says_report, time_says_check,
-             save_for_resize],
-            order, step, plan, dp_rank, world)
-        global_loss = float(table[:, 0].mean())
-        times = table[:, 1].tolist()
-        check_due = bool(table[0, 7])
-        resize_save = bool(table[0, 8])
+        gap = _sync_gap([r[1] for r in rows], notice)
+        first = done - len(rows)  # the agreement covers steps first+1 .. done
+        decisions, per_step, sample_ids = _agree(
+            [time_says_save, wind_down, time_says_report, time_says_check, save_for_resize, gap, rss_mb],
+            [r[:3] for r in rows], [order.batch_ids(s, plan.global_batch, dp_rank, plan.dp) for s in range(first, done)],
+            dp_rank, world)
+        check_due, resize_save = bool(decisions[0, 3]), bool(decisions[0, 4])
+        next_sync = done + int(decisions[0, 5])
 
-        last = done == end
-        evaluated = last or bool(cfg.eval_every and done % cfg.eval_every == 0)
         val_loss, val_kl = _evaluate(engine, val, pipelined, teacher, temperature) if evaluated else (None, None)
-        periodic = last or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or bool(table[0, 2])
+        periodic = on_schedule or bool(decisions[0, 0])
         save = periodic or resize_save
-        winding_down = bool(table[0, 4])
+        winding_down = bool(decisions[0, 1])
         if notice is not None:
             # A node of ours is being drained: checkpoint at once (just in time), keep training while the deadline
             # leaves room, and checkpoint once more right before it, so that no optimizer step is lost.
             save = save or not jit_saved or winding_down
             jit_saved = True
-        tokens_per_s = plan.global_batch * cfg.model.seq_len / step_time
-        record = {
-            "step": done, "loss": global_loss, "lr": engine.get_lr()[0], "step_time_s": step_time,
-            "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak * world),
-            "straggler_ratio": straggler_ratio(times), "val_loss": val_loss,
-            "max_rss_mb": float(table[:, 3].max()),
-            "sample_ids": sample_ids,
-            **({"kl": float(table[:, 5].mean()), "val_kl": val_kl} if teacher is not None else {}),
-            "world_size": world, "time": time.time(), "checkpoint_interval_s": interval_s if rank == 0 else None,
-        }
-        ledger["productive"] = ledger.get("productive", 0.0) + step_time
-        attempt_productive_s += step_time
+        max_rss_mb = float(decisions[:, 6].max())
+        records = []
+        for i, (_, own_step_s, _, lr, ended) in enumerate(rows):
+            tokens_per_s = plan.global_batch * cfg.model.seq_len / own_step_s
+            records.append({
+                "step": first + i + 1, "loss": float(per_step[i, :, 0].mean()), "lr": lr, "step_time_s": own_step_s,
+                "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops_per_token, peak * world),
+                "straggler_ratio": straggler_ratio(per_step[i, :, 1].tolist()), "val_loss": None,
+                "max_rss_mb": max_rss_mb, "sample_ids": sample_ids[i],
+                **({"kl": float(per_step[i, :, 2].mean()), "val_kl": None} if teacher is not None else {}),
+                "world_size": world, "time": ended, "checkpoint_interval_s": interval_s if rank == 0 else None,
+            })
+        rows = []
+        record = records[-1]  # this step's: what a checkpoint, a report and the gauges carry
+        record["val_loss"] = val_loss
+        if teacher is not None:
+            record["val_kl"] = val_kl
         record["checkpoint"] = ("final-before-deadline" if winding_down else "just-in-time" if notice is not None
                                 else "periodic" if periodic else "before-resize") if save else None
         saved_for_resize = False
@@ -523,14 +550,17 @@ def train_loop_per_worker(config: dict) -> None:
                 record["checkpoint"] = f"deferred: storage unwritable, retry at step {retry_at}"
             ledger["checkpoint"] = ledger.get("checkpoint", 0.0) + time.perf_counter() - t0
             record["storage_failures"] = storage_failures
-        elif bool(table[0, 6]):
+        elif bool(decisions[0, 2]):
             _report(record)
-            last_report = time.monotonic()
-        if rank == 0:
-            board.log.remote(record, ledger)
+            last_report, last_report_step = time.monotonic(), done
+        unposted.extend(records)
+        if rank == 0 and (save or notice is not None or time.monotonic() - last_post >= BOARD_POST_INTERVAL_S):
+            board.log.remote(unposted, ledger)
             # the gauge's goodput is this attempt's so far; the summary's covers the whole run, restarts included
             gauges.set({**record, "goodput": attempt_productive_s / max(time.perf_counter() - t_begin, 1e-9)})
-        ledger = {}
+            unposted, ledger, last_post = [], {}, time.monotonic()
+        elif rank != 0:
+            unposted, ledger = [], {}
         if winding_down and not last:
             _await_teardown(notice)
             jit_saved = False  # the node survived its deadline: a later notice gets its own checkpoints
@@ -599,22 +629,43 @@ def _repair_universal_load(engine, decay_by_group: list[float]) -> None:
             state["step"] = state["step"].clone()
 
 
-def _gather_step_table(values: list[float], order, step: int, plan, dp_rank: int, world: int):
-    """One all-gather per step: every rank's `values` (a [world, len(values)] float64 table, in rank order) and the
-    window ids every data-parallel rank actually trained on at this step, in dp-rank order: what makes "no sample
-    skipped or repeated across a resize" a measured fact rather than an assumption. (Window ids are exact in
-    float64 up to 2**53.)"""
+SYNC_INTERVAL_S = 0.2
+"""How often (seconds of training) the workers agree on what to do next: one all-gather of a small table, which cost
+~2 ms on two CPU workers (a tenth of a tiny step) when it was made at every step. Time-based decisions (a timed
+checkpoint, the next drain-notice check, a report) are taken at that granularity; while a drain notice stands the
+workers agree at every step."""
+MAX_SYNC_GAP = 32
+
+
+def _sync_gap(step_times: list[float], notice) -> float:
+    """Steps until the workers next agree (rank 0's choice counts): as many as fit in SYNC_INTERVAL_S at the median
+    step time so far, at most MAX_SYNC_GAP; one while a drain notice stands (its deadline is counted in steps)."""
+    if notice is not None:
+        return 1.0
+    step_s = sorted(step_times)[len(step_times) // 2]
+    return float(max(1, min(MAX_SYNC_GAP, int(SYNC_INTERVAL_S / max(step_s, 1e-6)))))
+
+
+def _agree(decisions: list[float], steps: list[tuple[float, ...]], step_ids: list, dp_rank: int, world: int):
+    """One all-gather for the steps since the workers last agreed. Returns every rank's `decisions` (a [world, k]
+    table in rank order; rank 0's row decides), every rank's per-step values ([n_steps, world, m]), and for each
+    step the window ids every data-parallel rank actually trained on, in dp-rank order: what makes "no sample
+    skipped or repeated across a resize" a measured fact rather than an assumption. Every rank passes the same
+    number of steps (they agree at the same steps). Window ids are exact in float64 up to 2**53."""
+    import numpy as np
     import torch
     import torch.distributed as dist
 
-    ids = order.batch_ids(step, plan.global_batch, dp_rank, plan.dp)
-    mine = torch.tensor([*values, dp_rank, *ids], dtype=torch.float64)
+    n, k, m = len(steps), len(decisions), len(steps[0])
+    mine = torch.from_numpy(np.concatenate([decisions, [dp_rank], np.ravel(steps), np.ravel(step_ids)]))
     gathered = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine)
-    rows = torch.stack(gathered)
-    k = len(values)
-    by_rank = {int(r[k]): [int(i) for i in r[k + 1:].tolist()] for r in rows}  # pipeline stages of one dp rank agree
-    return rows[:, :k], [i for r in sorted(by_rank) for i in by_rank[r]]
+    table = torch.stack(gathered).numpy()  # [world, k + 1 + n*m + n*ids]
+    per_step = table[:, k + 1:k + 1 + n * m].reshape(world, n, m).transpose(1, 0, 2)
+    ids = table[:, k + 1 + n * m:].reshape(world, n, -1)
+    by_rank = {int(r): ids[i] for i, r in enumerate(table[:, k])}  # pipeline stages of one dp rank agree
+    sample_ids = [[int(i) for r in sorted(by_rank) for i in by_rank[r][s]] for s in range(n)]
+    return table[:, :k], per_step, sample_ids
 
 
 def _reshard(local: str, remote_path: str, fs, rank: int) -> float:
