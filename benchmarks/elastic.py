@@ -101,7 +101,15 @@ def goodput_run(preset: str, reference, minutes: float, reclaims: int, notice_s:
     save_s = ledger["checkpoint_s"] / max(1, len(saves))
     step_s = statistics.median(r["step_time_s"] for r in result.records)
     recoveries = [chaos.recovery_s(result.records, f["death"]) for f in faults]
+    started = min(r["time"] - r["step_time_s"] for r in result.records)
     return {
+        # seconds from the first step: each reclaim's notice and node loss; each restart's group start and first step
+        "faults": [{k: round(v - started, 1) for k, v in f.items() if k in ("notice", "death")} for f in faults],
+        "group_timeline": [{
+            "world_size": a["world_size"], "warm_standby_workers": chaos.warm_workers(a),
+            "group_start": round(a["group_start"] - started, 1) if a.get("group_start") else None,
+            "first_step": round(min(r["time"] - r["step_time_s"] for r in result.records if r["attempt"] == i)
+                                - started, 1)} for i, a in enumerate(result.attempts, start=1)],
         "steps": steps, "wall_s": result.summary["wall_s"], "reclaims": len(faults), "notice_s": notice_s,
         "rejoin_s": rejoin_s, "goodput": result.summary["goodput"], "ledger": ledger,
         "recovery_s": [round(r, 2) if r is not None else None for r in recoveries],

@@ -293,8 +293,9 @@ def measure(reference, disturbed, times: dict[str, float], scenario: str) -> dic
         "restarts": disturbed.summary["restarts"],
         "resumed_from_steps": [a["start_step"] for a in disturbed.attempts],
         "steps": disturbed.summary["steps"],
-        # per restarted group: how many of its workers were warm standbys (processes started before the group)
-        "warm_standby_workers": [warm_workers(a) for a in disturbed.attempts[1:]],
+        # per worker group, the first included: how many of its workers were warm standbys (processes started
+        # before the group was)
+        "warm_standby_workers": [warm_workers(a) for a in disturbed.attempts],
     }
     if "notice" in times:
         report["notice_s"] = round(times["death"] - times["notice"], 2)

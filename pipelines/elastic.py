@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 SAVE_BEFORE_RESIZE_TIMEOUT_S = 60.0
 """How long a resize waits for the group's checkpoint before it goes ahead without one."""
 
+STANDBY_LEAD_S = 5.0
+"""A group grows onto a node that joined only once the warm standbys asked for there have had this long to start
+(importing torch and DeepSpeed takes 3-6 s on a 2-core VM beside a training group); meanwhile it trains at its size."""
+
 # Environment variables Ray Train reads in its controller; our config sets them before the controller starts.
 RECOVERY_ENV = {
     "worker_group_start_timeout_s": "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",
@@ -70,6 +74,7 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         self._now = time.monotonic
         self._leaving: set[str] = set()  # nodes seen draining and still on Ray's books
         self._seen: set[str] | None = None  # nodes with reserved resources at the last look (None: no look yet)
+        self._warming: dict[str, float] = {}  # joined node -> when its standbys were asked for (monotonic s)
         self._read_failures = 0  # reads of the reserved resources that failed in a row
 
     def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
@@ -80,6 +85,8 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         if self._pending is not None and self._pending.group != group:
             self._pending = None  # that group is gone (restarted meanwhile): decide afresh
         if self._pending is None:
+            if self._standbys_warming():
+                return NoopDecision()
             decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
             if not isinstance(decision, ResizeDecision) or self._board is None:
                 return decision
@@ -139,6 +146,14 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         i = bisect.bisect_right(self._accepted, possible)
         return self._accepted[i - 1] if i else 0
 
+    def _standbys_warming(self) -> bool:
+        """Looks at the cluster (at most once a second) so that a node that joins gets its standbys as soon as it
+        appears, not at the next resize decision; True while some joined node's standbys are still starting."""
+        reserved = self._get_reserved_resources()
+        if reserved is not None:
+            self._warm_joined_nodes({node: res for node, res in reserved.items() if node not in self._leaving})
+        return bool(self._warming) and any(self._now() - asked < STANDBY_LEAD_S for asked in self._warming.values())
+
     def _warm_joined_nodes(self, staying: dict) -> None:
         """A node that joins gets warm standby processes (pipelines/standby.py) as soon as it is seen, so that the
         restart that grows the group onto it does not pay the imports there. The nodes of the first look already
@@ -157,8 +172,9 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
 
         for node in joined:
             count = super()._count_possible_workers({node: staying[node]})
-            if count:
-                standby.request(node, runtime_env, count=count)
+            if count and standby.request(node, runtime_env, count=count):
+                self._warming[node] = self._now()
+        self._warming = {node: asked for node, asked in self._warming.items() if node in staying}
 
 
 def ray_get(ref, timeout: float = 5.0):

@@ -21,6 +21,7 @@ Everything here is best effort: a standby that cannot be had only means the rest
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -50,13 +51,63 @@ def worker_runtime_env(board_namespace: str, board_name: str, use_gpu: bool) -> 
     return {"env_vars": {SETUP_HOOK_ENV: f"{__name__}.{hook}", RUN_ENV: f"{board_namespace}/{board_name}"}}
 
 
+def expected_worker_env(worker_runtime_env: dict) -> str:
+    """The serialized runtime environment Ray Train 2.60 gives its workers, predicted in the driver so that the first
+    group can start on standbys too: the job's environment, then the controller's variables (Ray Train's propagated
+    ones and its RAY_WARN_BLOCKING_GET_INSIDE_ASYNC), then `worker_runtime_env`, merged as Ray merges a child's
+    (variables merged, other fields replaced) and written as Ray writes it (sorted keys, no spaces). A wrong
+    prediction costs only idle processes, which leave with the run; the chaos test checks it is right."""
+    import ray
+    from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+    from ray.train.v2._internal.constants import (
+        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+        get_env_vars_to_propagate,
+    )
+
+    job = json.loads(ray.get_runtime_context().get_runtime_env_string() or "{}")
+    controller = {RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR: DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+                  **get_env_vars_to_propagate()}
+    merged = {**job, **{k: v for k, v in worker_runtime_env.items() if k != "env_vars"}}
+    merged["env_vars"] = {**job.get("env_vars", {}), **controller, **get_env_vars_to_propagate(),
+                          **worker_runtime_env.get("env_vars", {})}
+    return json.dumps(merged, sort_keys=True, separators=(",", ":"))
+
+
+def request_for_first_group(worker_runtime_env: dict, resources_per_worker: dict[str, float], max_workers: int) -> int:
+    """Before a run's first group starts: ask every node that can hold workers for a standby per worker it can hold
+    (at most `max_workers` each), so that the first group skips the imports as a restarted one does. Returns how many
+    were asked for."""
+    import ray
+
+    runtime_env, asked = expected_worker_env(worker_runtime_env), 0
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        fits = min((node["Resources"].get(k, 0.0) // v for k, v in resources_per_worker.items() if v > 0),
+                   default=0)
+        count = int(min(fits, max_workers))
+        if count and request(node["NodeID"], runtime_env, count=count):
+            asked += count
+    return asked
+
+
 def _import_common() -> None:
+    """What a training worker imports before and during its first steps (in a cold process they cost seconds of
+    the restart: scipy alone, which the Young–Daly interval's module pulls in, took 1-2 s beside a booting group)."""
     import torch  # noqa: F401
     import ray.train.torch  # noqa: F401  (Ray Train's context unpickles into these)
+    import ray.train.v2._internal.execution.context  # noqa: F401
     import ray.train.v2._internal.execution.train_fn_utils  # noqa: F401
+    from ray._private import grpc_utils  # noqa: F401  (request(), below)
+    from ray.core.generated import node_manager_pb2_grpc  # noqa: F401
 
+    import app.costs  # noqa: F401
     import app.data  # noqa: F401
+    import app.distill  # noqa: F401
+    import app.metrics  # noqa: F401
     import app.model  # noqa: F401
+    import app.optim  # noqa: F401
+    import app.parallel  # noqa: F401
 
 
 def warm_cpu_worker() -> None:
@@ -67,6 +118,7 @@ def warm_cpu_worker() -> None:
     from deepspeed.accelerator import get_accelerator
 
     get_accelerator()  # DeepSpeed picks its accelerator once per process (here: CPU)
+    import app.ds_ops  # noqa: F401
     import pipelines.train  # noqa: F401
     _start_watch(time.perf_counter() - t0)
 

@@ -340,6 +340,8 @@ def train_loop_per_worker(config: dict) -> None:
     from app.parallel import resolve_precision
     from pipelines import standby
 
+    if config["cfg"]["checkpoint"]["every_minutes"] == "auto":
+        import app.costs  # noqa: F401  (scipy: here, not in the middle of the first steps)
     t_begin = time.perf_counter()
     standby.claim()  # this process trains now: if it was a warm standby, it no longer waits to be reaped
     cfg = TrainConfig.model_validate(config["cfg"])
@@ -412,9 +414,11 @@ def train_loop_per_worker(config: dict) -> None:
     gauges = RayTrainMetrics(cfg.name) if rank == 0 else None
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
     jit_saved, last_save_s = False, 0.0
-    # The first drain-notice check waits one poll interval: its barrier goes through Ray Train's synchronization
-    # actor, which every new group starts afresh (a new process: ~1.3 s measured here); meanwhile the group trains.
+    # The first drain-notice check waits one poll interval, and until Ray Train's synchronization actor answers: the
+    # check is a barrier through it, and every new group starts that actor afresh (a new process, ~1-3 s while a
+    # restart's other processes start too). Meanwhile the group trains.
     check_due, last_check, save_token = False, time.monotonic(), None
+    checks_ready = _synchronization_ready() if rank == 0 else None
     last_check_step = last_report_step = start_step
     # Steps since the workers last agreed, this rank's view: (loss, step seconds, KL, learning rate, end time).
     rows: list[tuple[float, float, float, float, float]] = []
@@ -475,8 +479,8 @@ def train_loop_per_worker(config: dict) -> None:
         interval_s = _checkpoint_interval_s(cfg, last_save_s, step_time, mtbf_s)
         time_says_save = float(interval_s is not None and time.monotonic() - last_save >= interval_s)
         wind_down = float(notice is not None and _must_wind_down(notice, step_time, last_save_s))
-        time_says_check = float(notice is not None
-                                or time.monotonic() - last_check >= cfg.elastic.preemption_poll_interval_s)
+        poll_due = time.monotonic() - last_check >= cfg.elastic.preemption_poll_interval_s
+        time_says_check = float(notice is not None or (poll_due and (checks_ready is None or checks_ready())))
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         # ray.train.report blocks until Ray Train's controller has taken the previous report, which it polls once
         # per health-check interval (~0.9 s per report measured when reporting every few steps): report at most
@@ -567,6 +571,31 @@ def train_loop_per_worker(config: dict) -> None:
         elif saved_for_resize and not last:
             # Saved for the resize the elastic policy is about to make: steps computed now would be thrown away.
             _await_resize()
+
+
+SYNCHRONIZATION_WAIT_S = 10.0
+"""How long drain-notice checks wait for a new group's synchronization actor before checking (and waiting) anyway."""
+
+
+def _synchronization_ready():
+    """A function telling, without waiting, whether Ray Train's synchronization actor for this group answers yet (or
+    SYNCHRONIZATION_WAIT_S have passed). Where there is none to ask (Ray Train's local mode), always True."""
+    import ray
+
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        ready_ref = get_train_context().get_synchronization_actor().__ray_ready__.remote()
+    except Exception:  # no synchronization actor here
+        return lambda: True
+    since, answered = time.monotonic(), []
+
+    def ready() -> bool:
+        if not answered and (ray.wait([ready_ref], timeout=0)[0] or time.monotonic() - since > SYNCHRONIZATION_WAIT_S):
+            answered.append(True)
+        return bool(answered)
+
+    return ready
 
 
 def _mtbf_seconds(cfg: TrainConfig, starts: list[tuple[float, int]]) -> float:
@@ -971,6 +1000,8 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True,
                 worker_runtime_env=standby.worker_runtime_env(
                     ray.get_runtime_context().namespace, board_name(cfg.name), use_gpu) if warm_standby else {}),
         )
+        if warm_standby:
+            standby.request_for_first_group(trainer.run_config.worker_runtime_env, resources, hi)
         outcome: dict[str, Any] = {}
         t_start = time.perf_counter()
 

@@ -263,3 +263,36 @@ def test_the_trainer_tells_the_board_when_each_group_starts(ray_local):
     assert len(callbacks) == 1
     callbacks[0].before_worker_group_start(None)
     assert len(starts) == 1 and abs(starts[0] - __import__("time").time()) < 5
+
+
+def test_growing_onto_a_joined_node_waits_for_its_standbys(monkeypatch):
+    """The node is seen at the next look (not at the next resize decision) and gets its standbys; the group grows
+    onto it only once they have had STANDBY_LEAD_S to start."""
+    from types import SimpleNamespace
+
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision
+
+    from pipelines import elastic, standby
+
+    a, b = "a" * 56, "b" * 56
+    cluster = {a: {"CPU": 1.0}}
+    policy = _policy_reading(lambda requester, recompute=False: dict(cluster), monkeypatch)
+    asked = []
+    monkeypatch.setattr(standby, "request", lambda node, env, count=1: asked.append(node) or True)
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
+    policy._board = SimpleNamespace(standby_env=SimpleNamespace(remote=lambda: "{}"))
+    ray_decides = []
+    monkeypatch.setattr(ElasticScalingPolicy, "make_decision_for_running_worker_group",
+                        lambda self, state, status: ray_decides.append(1) or NoopDecision())
+    now = [100.0]
+    policy._now = lambda: now[0]
+    policy.make_decision_for_non_running_worker_group()  # the first look: a
+    policy.make_decision_for_running_worker_group(None, None)
+    assert ray_decides == [1] and asked == []
+    cluster[b] = {"CPU": 1.0}
+    policy._latest_reserved_resources_query_time = 0  # a second later
+    assert isinstance(policy.make_decision_for_running_worker_group(None, None), NoopDecision)
+    assert asked == [b] and ray_decides == [1]  # b warms: no resize decision yet
+    now[0] += elastic.STANDBY_LEAD_S
+    policy.make_decision_for_running_worker_group(None, None)
+    assert ray_decides == [1, 1]  # warm: Ray's policy may grow the group now

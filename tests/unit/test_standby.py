@@ -25,6 +25,23 @@ def test_the_hook_env_var_is_the_one_ray_reads():
     assert standby.SETUP_HOOK_ENV == ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
 
+def test_the_predicted_worker_env_is_ray_trains_merge_written_as_ray_writes_it(ray_local):
+    """The first group's standbys are made for this string; a single differing byte would leave them idle (the chaos
+    test's kill-worker scenario checks the prediction against a real group)."""
+    import json
+
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    ours = standby.worker_runtime_env("ns-1", "board", use_gpu=False)
+    predicted = standby.expected_worker_env({**ours, "env_vars": {**ours["env_vars"], "A": "1"}})
+    assert " " not in predicted and list(json.loads(predicted)) == sorted(json.loads(predicted))
+    env = json.loads(predicted)["env_vars"]
+    assert list(env) == sorted(env)
+    assert env["A"] == "1" and env[standby.RUN_ENV] == "ns-1/board"
+    assert env["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] == "0"
+    assert get_env_vars_to_propagate().items() <= env.items()
+
+
 def test_process_start_time_is_precise():
     started = standby.process_start_time()
     assert started <= time.time()
