@@ -194,8 +194,8 @@ class ElasticConfig(StrictModel):
     preemption_poll_interval_s: float = Field(gt=0, description="Seconds between Ray's polls for drain notices.")
     warm_standby: bool = Field(
         description="Keep one idle worker process per training worker (and on a node that joins) with torch, "
-        "DeepSpeed and this project already imported, so a restarted group skips those imports "
-        "(pipelines/standby.py); only for runs that can restart."
+        "DeepSpeed and this project already imported, so the first group and every restarted one skip "
+        "those imports (pipelines/standby.py); only for runs on a Ray cluster (not in-process runs)."
     )
 
 

@@ -296,3 +296,31 @@ def test_growing_onto_a_joined_node_waits_for_its_standbys(monkeypatch):
     now[0] += elastic.STANDBY_LEAD_S
     policy.make_decision_for_running_worker_group(None, None)
     assert ray_decides == [1, 1]  # warm: Ray's policy may grow the group now
+
+
+def test_a_running_group_is_not_shrunk_for_a_node_that_is_only_draining(monkeypatch):
+    """Its workers handle the notice (just-in-time checkpoint, training on to the deadline); Ray restarts the group
+    at the deadline. Once the node is gone from Ray's books, a shrink goes ahead as Ray decides it."""
+    from types import SimpleNamespace
+
+    from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision
+
+    from pipelines import elastic
+
+    a, b = "a" * 56, "b" * 56
+    cluster = {a: {"CPU": 1.0}, b: {"CPU": 1.0}}
+    policy = _policy_reading(lambda requester, recompute=False: dict(cluster), monkeypatch)
+    monkeypatch.setattr(elastic.ElasticScalingPolicy, "_maybe_send_resource_request", lambda self: None)
+    running = SimpleNamespace(start_time=0.0, num_workers=2)
+
+    def decide():
+        policy._latest_monitor_time = policy._latest_reserved_resources_query_time = 0.0  # both due again
+        return policy.make_decision_for_running_worker_group(running, None)
+
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {b})
+    assert isinstance(decide(), NoopDecision)
+    assert policy._leaving == {b} and policy._count_possible_workers(dict(cluster)) == 1  # a restart: without b
+    del cluster[b]  # b is gone (and no longer draining): the group must shrink
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
+    decision = decide()
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 1

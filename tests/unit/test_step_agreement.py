@@ -1,5 +1,5 @@
 """How the training workers agree between steps (pipelines/train.py): how many steps apart (`_sync_gap`) and what
-one agreement carries (`_agree`, a real all-gather between two gloo processes)."""
+one agreement carries (`_agree`, a real all-gather between two gloo processes); and how each step is seeded."""
 
 import json
 
@@ -7,7 +7,22 @@ import pytest
 import torch.multiprocessing as mp
 
 from pipelines.ray_session import free_port
-from pipelines.train import MAX_SYNC_GAP, SYNC_INTERVAL_S, _agree, _sync_gap
+from pipelines.train import MAX_SYNC_GAP, SYNC_INTERVAL_S, _agree, _seed_step, _sync_gap
+
+
+def test_a_step_draws_what_torch_manual_seed_would_give_it():
+    """Dropout masks (and anything else a CPU step draws) come out as under torch.manual_seed, so runs checkpointed
+    before the cheaper seeding resume onto the same trajectory."""
+    import torch
+
+    drop = torch.nn.Dropout(0.5)
+    ones = torch.ones(4096)
+    torch.manual_seed(12345)
+    reference = drop(ones)
+    _seed_step(999, torch.device("cpu"))
+    other = drop(ones)
+    _seed_step(12345, torch.device("cpu"))
+    assert torch.equal(drop(ones), reference) and not torch.equal(other, reference)
 
 
 def test_agreements_come_about_every_sync_interval():
