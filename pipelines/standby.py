@@ -12,7 +12,8 @@ task backlogs). So:
   started ahead of time), and names the run;
 - each training worker, once its group trains, asks its node's raylet for one such process with its own exact
   runtime environment (`request`); the elastic policy does the same on a node that joins, before it grows the
-  group onto it;
+  group onto it; and the driver asks every node for the first group's, predicting the runtime environment Ray
+  Train will give its workers (`request_for_first_group`);
 - an idle standby watches for the run's progress board and exits when the run is over (nothing lingers), and stops
   watching the moment a training worker claims it (`claim`).
 
@@ -68,8 +69,7 @@ def expected_worker_env(worker_runtime_env: dict) -> str:
     controller = {RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR: DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
                   **get_env_vars_to_propagate()}
     merged = {**job, **{k: v for k, v in worker_runtime_env.items() if k != "env_vars"}}
-    merged["env_vars"] = {**job.get("env_vars", {}), **controller, **get_env_vars_to_propagate(),
-                          **worker_runtime_env.get("env_vars", {})}
+    merged["env_vars"] = {**job.get("env_vars", {}), **controller, **worker_runtime_env.get("env_vars", {})}
     return json.dumps(merged, sort_keys=True, separators=(",", ":"))
 
 

@@ -73,6 +73,10 @@ def test_lost_node_without_replacement_restarts_on_the_survivor(chaos_cfg, share
     assert r["world_sizes"] == [2, 1] and r["restarts"] == 1
     # from the newest checkpoint before the loss (every 50 steps; the node goes once the run reports step 80+)
     assert r["resumed_from_steps"][0] == 0 and r["resumed_from_steps"][1] in (50, 100) and r["steps"] == STEPS
-    assert 0 < r["lost_steps"] < 50 + 20
+    # the steps since that checkpoint are recomputed: at least 30 from step 50 (the loss comes after step 80), and
+    # possibly none from step 100 (a loss right after its save; seen once in CI-sized runs)
+    assert r["lost_steps"] < 50 + 20
+    if r["resumed_from_steps"][1] == 50:
+        assert r["lost_steps"] >= 30
     assert r["duplicated_samples"] == 0 and r["skipped_samples"] == 0
     assert r["max_rel_loss_diff_vs_reference"] < 1e-3  # world size 1 reduces in another order
