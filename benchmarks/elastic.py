@@ -74,6 +74,12 @@ def _steps_per_s(result) -> float:
     return (len(records) - 1) / (records[-1]["time"] - records[0]["time"])
 
 
+def _first_step(records: list[dict], attempt: int, since: float) -> float | None:
+    """When `attempt`'s first recorded step began, in seconds from `since` (None: a group that recorded no step)."""
+    starts = [r["time"] - r["step_time_s"] for r in records if r["attempt"] == attempt]
+    return round(min(starts) - since, 1) if starts else None
+
+
 def goodput_run(preset: str, reference, minutes: float, reclaims: int, notice_s: int, rejoin_s: float,
                 out: Path) -> dict:
     """About `minutes` of elastic training with `reclaims` spot reclaims; what it kept of the wall time."""
@@ -108,8 +114,7 @@ def goodput_run(preset: str, reference, minutes: float, reclaims: int, notice_s:
         "group_timeline": [{
             "world_size": a["world_size"], "warm_standby_workers": chaos.warm_workers(a),
             "group_start": round(a["group_start"] - started, 1) if a.get("group_start") else None,
-            "first_step": round(min(r["time"] - r["step_time_s"] for r in result.records if r["attempt"] == i)
-                                - started, 1)} for i, a in enumerate(result.attempts, start=1)],
+            "first_step": _first_step(result.records, i, started)} for i, a in enumerate(result.attempts, start=1)],
         "steps": steps, "wall_s": result.summary["wall_s"], "reclaims": len(faults), "notice_s": notice_s,
         "rejoin_s": rejoin_s, "goodput": result.summary["goodput"], "ledger": ledger,
         "recovery_s": [round(r, 2) if r is not None else None for r in recoveries],

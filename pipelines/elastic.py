@@ -152,11 +152,10 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         (the decision for a group not running leaves the draining nodes out). Shrunk at a resize check instead, the
         group checkpointed and then idled until the node was gone (a tiny `chaos --scenario spot` run, 2026-12-06:
         11.3 s between two steps, of a 10 s notice)."""
-        running = getattr(worker_group_state, "num_workers", None)
-        if not self._leaving or running is None or decision.num_workers >= running:
+        if not self._leaving or decision.num_workers >= worker_group_state.num_workers:
             return False
         reserved = self._latest_reserved_resources or {}
-        return self._round_down(super()._count_possible_workers(reserved)) >= running
+        return self._round_down(super()._count_possible_workers(reserved)) >= worker_group_state.num_workers
 
     def _round_down(self, possible: int) -> int:
         """The largest accepted world size up to `possible` (0 when none is)."""
@@ -169,7 +168,7 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         reserved = self._get_reserved_resources()
         if reserved is not None:
             self._warm_joined_nodes({node: res for node, res in reserved.items() if node not in self._leaving})
-        return bool(self._warming) and any(self._now() - asked < STANDBY_LEAD_S for asked in self._warming.values())
+        return any(self._now() - asked < STANDBY_LEAD_S for asked in self._warming.values())
 
     def _warm_joined_nodes(self, staying: dict) -> None:
         """A node that joins gets warm standby processes (pipelines/standby.py) as soon as it is seen, so that the

@@ -351,9 +351,9 @@ def train_loop_per_worker(config: dict) -> None:
     from app.parallel import resolve_precision
     from pipelines import standby
 
-    if config["cfg"]["checkpoint"]["every_minutes"] == "auto":
-        import app.costs  # noqa: F401  (scipy: here, not in the middle of the first steps)
     t_begin = time.perf_counter()
+    if config["cfg"]["checkpoint"]["every_minutes"] == "auto":
+        import app.costs  # noqa: F401  (scipy: in the start-up, not in the middle of the first steps)
     standby.claim()  # this process trains now: if it was a warm standby, it no longer waits to be reaped
     cfg = TrainConfig.model_validate(config["cfg"])
     board, data_dir = config["board"], config["data_dir"]
