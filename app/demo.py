@@ -231,7 +231,7 @@ def _reclaim_report(result, times: dict[str, float], s: DemoSizes) -> dict[str, 
     from pipelines.chaos import recovery_s
 
     death, notice = times["death"], times["notice"]
-    recovery = recovery_s(result.records, death)
+    recovery = recovery_s(result.records, death, notice)
     during = [r for r in result.records if notice <= r["time"] <= death]
     checkpoints = [r["checkpoint"] for r in result.records if r.get("checkpoint")]
     return {
@@ -515,7 +515,7 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[tuple]]]:
                 [("notice at step", rc["notice_at_step"]), ("notice → node removed (s)", rc["notice_s"]),
                  ("steps trained during the notice", rc["steps_during_notice"]),
                  ("checkpoints by kind", ", ".join(f"{k} {v}" for k, v in rc["checkpoints"].items())),
-                 ("recovery: node lost → first step of the new group (s)", rc["recovery_s"]),
+                 ("recovery: training stopped → first step of the new group (s)", rc["recovery_s"]),
                  ("resumed from steps", json.dumps(rc["resumed_from_steps"])),
                  ("world sizes", json.dumps(rc["world_sizes"])), ("restarts", rc["restarts"]),
                  ("lost steps", rc["lost_steps"]),

@@ -6,8 +6,8 @@ On a local multi-node Ray cluster (a head without CPUs plus two 1-CPU worker ray
 preset:
 
 1. one undisturbed reference run, then one run per chaos scenario (spot, kill-worker, kill-node, torn-checkpoint,
-   resize) against it: seconds from the node's (or worker's) death to the first step of the new group
-   (goal ≤ 15 s), steps lost (goal 0 with a notice), samples duplicated or skipped, loss difference to the reference,
+   resize) against it: seconds from the node's (or worker's) death — after a drain notice, from the death or the
+   noticed group's last step, whichever came first — to the first step of the new group (goal ≤ 15 s), steps lost (goal 0 with a notice), samples duplicated or skipped, loss difference to the reference,
    and the time spent converting to DeepSpeed's universal format when the world size changed;
 2. a run of about `--goodput-minutes` with `--reclaims` spot reclaims spread over it (drain notice, just-in-time
    checkpoint, node removed at the deadline, a fresh node joining `--rejoin` s later, the group growing back):
@@ -106,7 +106,7 @@ def goodput_run(preset: str, reference, minutes: float, reclaims: int, notice_s:
     saves = [r for r in result.records if r.get("checkpoint") and not r["checkpoint"].startswith("deferred")]
     save_s = ledger["checkpoint_s"] / max(1, len(saves))
     step_s = statistics.median(r["step_time_s"] for r in result.records)
-    recoveries = [chaos.recovery_s(result.records, f["death"]) for f in faults]
+    recoveries = [chaos.recovery_s(result.records, f["death"], f.get("notice")) for f in faults]
     started = min(r["time"] - r["step_time_s"] for r in result.records)
     return {
         # seconds from the first step: each reclaim's notice and node loss; each restart's group start and first step

@@ -253,12 +253,17 @@ def train_with_faults(cfg: TrainConfig, scenario: str, cluster: LocalCluster, at
     return outcome["result"], faults
 
 
-def recovery_s(records: list[dict], death: float) -> float | None:
-    """Seconds from `death` to the start of the first step of a later attempt than the one running at `death`
-    (None when no attempt started after it)."""
-    running = max((r["attempt"] for r in records if r["time"] <= death), default=0)
-    after = [r["time"] - r["step_time_s"] for r in records if r["time"] > death and r["attempt"] > running]
-    return min(after) - death if after else None
+def recovery_s(records: list[dict], death: float, notice: float | None = None) -> float | None:
+    """Seconds training stood still for a fault: from the node's death to the start of the first step of a later
+    attempt than the one running at the fault. After a drain notice, from whichever came first, the death or the
+    last step of the group that got the notice: that group ends once its checkpoint before the deadline is sealed
+    and restarts on the nodes that stay, often before the node is gone. None when no attempt started after it."""
+    running = max((r["attempt"] for r in records if r["time"] <= (death if notice is None else notice)), default=0)
+    stopped = death
+    if notice is not None:
+        stopped = min(death, max((r["time"] for r in records if r["attempt"] == running), default=death))
+    after = [r["time"] - r["step_time_s"] for r in records if r["attempt"] > running]
+    return min(after) - stopped if after else None
 
 
 def warm_workers(attempt: dict) -> str:
@@ -279,7 +284,7 @@ def measure(reference, disturbed, times: dict[str, float], scenario: str) -> dic
     got_loss = disturbed.history.set_index("step")["loss"]
     common = ref_loss.index.intersection(got_loss.index)
     rel = (got_loss[common] - ref_loss[common]).abs() / ref_loss[common]
-    recovery = recovery_s(disturbed.records, times.get("death", 0.0))
+    recovery = recovery_s(disturbed.records, times.get("death", 0.0), times.get("notice"))
     report = {
         "scenario": scenario,
         "recovery_s": round(recovery, 2) if recovery is not None else None,

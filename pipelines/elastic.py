@@ -1,6 +1,7 @@
 """Elastic worker groups: a TorchTrainer whose elastic scaling only picks world sizes the batch plan accepts,
-counts no draining node, checkpoints before it resizes a running group, and the recovery knobs that decide how
-fast a group comes back after a node is lost.
+counts no draining node, checkpoints before it resizes a running group, restarts a group on the nodes that stay as
+soon as its checkpoint before a preemption deadline is sealed, and the recovery knobs that decide how fast a group
+comes back after a node is lost.
 
 Ray Train's elastic policy starts as many workers as resources allow within (min, max). A global batch of 32 with
 micro-batch 8 splits over 1, 2 or 4 workers but not 3, so we round its choice down to the nearest accepted size.
@@ -19,7 +20,9 @@ from typing import Any, NamedTuple
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
 from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy, NoopDecision, ResizeDecision
+from ray.train.v2.api.exceptions import PreemptionError, WorkerGroupError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,11 @@ SAVE_BEFORE_RESIZE_TIMEOUT_S = 60.0
 STANDBY_LEAD_S = 5.0
 """A group grows onto a node that joined only once the warm standbys asked for there have had this long to start
 (importing torch and DeepSpeed takes 3-6 s on a 2-core VM beside a training group); meanwhile it trains at its size."""
+
+LEFT_GRACE_S = 30.0
+"""A node seen draining is left out of restart counts until this long after its deadline (or after it was last seen
+draining, without one), or until Ray forgets it (declared dead). One that outlives that (a cancelled reclaim) counts
+again, and the group grows back onto it."""
 
 # Environment variables Ray Train reads in its controller; our config sets them before the controller starts.
 RECOVERY_ENV = {
@@ -72,7 +80,7 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         self._board = board  # the run's progress board: where a resize asks the workers for a checkpoint
         self._pending: _PendingResize | None = None
         self._now = time.monotonic
-        self._leaving: set[str] = set()  # nodes seen draining and still on Ray's books
+        self._leaving: dict[str, float] = {}  # nodes seen draining and still on Ray's books -> counted again after
         self._seen: set[str] | None = None  # nodes with reserved resources at the last look (None: no look yet)
         self._warming: dict[str, float] = {}  # joined node -> when its standbys were asked for (monotonic s)
         self._read_failures = 0  # reads of the reserved resources that failed in a row
@@ -140,8 +148,13 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
     def _count_possible_workers(self, reserved_resources) -> int:
         # Remembered: once its deadline has passed a node leaves Ray's draining list, yet stays on its books until
         # the GCS declares it dead; counted then, a resize back to 2 waited out the start timeout for it.
-        # Forgotten once Ray no longer lists it at all (declared dead): node ids are never reused.
-        self._leaving = (self._leaving | draining_nodes()) & set(reserved_resources)
+        # Forgotten once Ray no longer lists it at all (declared dead: node ids are never reused), or LEFT_GRACE_S
+        # after its deadline (it survived: the reclaim was cancelled).
+        now = time.time()
+        for node, deadline in draining_nodes().items():
+            self._leaving[node] = max(self._leaving.get(node, 0.0), max(deadline, now) + LEFT_GRACE_S)
+        self._leaving = {node: until for node, until in self._leaving.items()
+                         if node in reserved_resources and now < until}
         staying = {node: res for node, res in reserved_resources.items() if node not in self._leaving}
         self._warm_joined_nodes(staying)
         return self._round_down(super()._count_possible_workers(staying))
@@ -199,14 +212,45 @@ def ray_get(ref, timeout: float = 5.0):
     return ray.get(ref, timeout=timeout)
 
 
-def draining_nodes() -> set[str]:
-    """Hex ids of the nodes Ray Core is draining (a preemption notice, or a scale-down); empty when unknown."""
+def draining_nodes() -> dict[str, float]:
+    """The nodes Ray Core is draining (a preemption notice, or a scale-down): hex id -> deadline (epoch seconds; 0.0
+    for none). Empty when unknown."""
     import ray
 
     try:
-        return set(ray._private.state.state.get_draining_nodes() or {})
+        draining = ray._private.state.state.get_draining_nodes() or {}
     except Exception:  # not connected, or the GCS briefly unreachable: count every node, as Ray would
-        return set()
+        return {}
+    return {node: (deadline_ms or 0) / 1000 for node, deadline_ms in draining.items()}
+
+
+class SavedBeforeDeadline(Exception):
+    """What every worker of an elastic group raises once its checkpoint before a preemption deadline is sealed: the
+    group ends there and Ray Train restarts it at once on the nodes that stay, instead of idling until the node is
+    gone and Ray notices (measured on tiny: 1-1.5 s of idling, then 0.4-2.7 s until the restart began).
+    `PreemptionAwareFailurePolicy` charges it to the preemption budget, as the node's death would have been."""
+
+    def __init__(self, step: int, preemption_info) -> None:
+        super().__init__(step, preemption_info)
+        self.step, self.preemption_info = step, preemption_info
+
+    def __str__(self) -> str:
+        nodes = sorted(getattr(self.preemption_info, "preempted_node_ids", None) or [])
+        return (f"checkpointed step {self.step} before the preemption deadline of node(s) "
+                f"{', '.join(n[:12] for n in nodes) or '?'}; restarting on the nodes that stay")
+
+
+class PreemptionAwareFailurePolicy(DefaultFailurePolicy):
+    """Ray's failure policy, which also takes a group that ended with `SavedBeforeDeadline` on every failed rank for
+    what it is: a preemption (its own retry budget, `max_preemption_failures`), not a failure."""
+
+    def make_decision(self, training_failed_error):
+        failures = getattr(training_failed_error, "worker_failures", None) or {}
+        if isinstance(training_failed_error, WorkerGroupError) and failures and all(
+                isinstance(error, SavedBeforeDeadline) for error in failures.values()):
+            training_failed_error = PreemptionError(next(iter(failures.values())).preemption_info,
+                                                    drain_timed_out=False)
+        return super().make_decision(training_failed_error)
 
 
 class ElasticTorchTrainer(TorchTrainer):
@@ -232,6 +276,7 @@ class ElasticTorchTrainer(TorchTrainer):
         if self.scaling_config.elasticity_enabled:
             kwargs["scaling_policy"] = AcceptedSizesScalingPolicy(self.scaling_config, self._accepted_sizes,
                                                                   self._board)
+            kwargs["failure_policy"] = PreemptionAwareFailurePolicy(kwargs["failure_policy"].failure_config)
         return super()._initialize_and_run_controller(**kwargs)
 
 

@@ -350,6 +350,7 @@ def train_loop_per_worker(config: dict) -> None:
     from app.metrics import RayTrainMetrics, matmul_peak_flops, mfu, straggler_ratio
     from app.parallel import resolve_precision
     from pipelines import standby
+    from pipelines.elastic import SavedBeforeDeadline
 
     t_begin = time.perf_counter()
     if config["cfg"]["checkpoint"]["every_minutes"] == "auto":
@@ -425,6 +426,8 @@ def train_loop_per_worker(config: dict) -> None:
     gauges = RayTrainMetrics(cfg.name) if rank == 0 else None
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
     jit_saved, last_save_s = False, 0.0
+    lo, hi = parse_workers(cfg.parallel.workers)
+    elastic = lo < hi  # a group ends at its checkpoint before a preemption deadline only where it can restart smaller
     # The first drain-notice check waits one poll interval, and until Ray Train's synchronization actor answers: the
     # check is a barrier through it, and every new group starts that actor afresh (a new process, ~1-3 s while a
     # restart's other processes start too). Meanwhile the group trains.
@@ -578,6 +581,12 @@ def train_loop_per_worker(config: dict) -> None:
         elif rank != 0:
             unposted, ledger = [], {}
         if winding_down and not last:
+            if elastic and saved:
+                # Everything is saved: end this group now, so that Ray Train restarts it at once on the nodes that
+                # stay (pipelines/elastic.py) rather than once the node is gone and noticed.
+                if rank == 0:
+                    ray.get(board.log.remote([], {}))  # the board has taken this step's records (calls keep order)
+                raise SavedBeforeDeadline(done, notice)
             _await_teardown(notice)
             jit_saved = False  # the node survived its deadline: a later notice gets its own checkpoints
         elif saved_for_resize and not last:

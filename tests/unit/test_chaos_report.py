@@ -19,6 +19,16 @@ def test_each_of_several_faults_is_measured_from_its_own_death():
     assert recovery_s(records, death=45.0) == 14.0  # attempt 3's at 59, not attempt 2's later steps
 
 
+def test_after_a_notice_recovery_counts_from_when_the_noticed_group_stopped():
+    # the group checkpointed before the deadline at 20 and ended; the new one trained before the node died at 22
+    records = _records((1, [(10.0, 0.5), (20.0, 0.5)]), (2, [(21.5, 0.5), (22.5, 0.5)]))
+    assert recovery_s(records, death=22.0, notice=12.0) == 21.0 - 20.0
+    assert recovery_s(records, death=22.0) is None  # measured from the death alone, attempt 2 was already running
+    # a group that trained on until the node died: from the death
+    records = _records((1, [(10.0, 0.5), (21.9, 0.5)]), (2, [(25.0, 1.0)]))
+    assert recovery_s(records, death=21.0, notice=12.0) == 24.0 - 21.0
+
+
 def test_no_new_attempt_after_the_death_means_no_recovery():
     records = _records((1, [(10.0, 0.5), (20.0, 0.5)]))
     assert recovery_s(records, death=15.0) is None

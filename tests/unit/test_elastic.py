@@ -33,16 +33,39 @@ def test_a_draining_node_is_not_counted_for_a_restart(monkeypatch):
 
     policy = elastic.AcceptedSizesScalingPolicy(
         ScalingConfig(num_workers=(1, 4), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2, 4])
-    nodes = {"a" * 56: {"CPU": 1.0}, "b" * 56: {"CPU": 1.0}, "c" * 56: {"CPU": 1.0}}
-    monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
+    a, b, c = "a" * 56, "b" * 56, "c" * 56
+    nodes = {a: {"CPU": 1.0}, b: {"CPU": 1.0}, c: {"CPU": 1.0}}
+    now = [1000.0]
+    monkeypatch.setattr(elastic.time, "time", lambda: now[0])
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {})
     assert policy._count_possible_workers(nodes) == 2  # 3 fit; 3 is not accepted
-    monkeypatch.setattr(elastic, "draining_nodes", lambda: {"b" * 56})
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {b: 1010.0})  # b leaves in 10 s
     assert policy._count_possible_workers(nodes) == 2  # 2 nodes stay
-    monkeypatch.setattr(elastic, "draining_nodes", lambda: {"c" * 56})
+    now[0] = 1015.0
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {c: 0.0})  # c drains without a deadline
     assert policy._count_possible_workers(nodes) == 1  # b passed its deadline: off Ray's draining list, not gone
-    monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
-    assert policy._count_possible_workers({"a" * 56: {"CPU": 1.0}, "d" * 56: {"CPU": 1.0}}) == 2  # a new node
-    assert policy._leaving == set()  # b and c are off Ray's books: forgotten
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {})
+    assert policy._count_possible_workers({a: {"CPU": 1.0}, "d" * 56: {"CPU": 1.0}}) == 2  # a new node
+    assert policy._leaving == {}  # b and c are off Ray's books: forgotten
+
+
+def test_a_node_that_outlives_its_deadline_counts_again(monkeypatch):
+    """A cancelled reclaim: the node is still there LEFT_GRACE_S after its deadline, so the group may grow onto it."""
+    from pipelines import elastic
+
+    policy = elastic.AcceptedSizesScalingPolicy(
+        ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2])
+    a, b = "a" * 56, "b" * 56
+    nodes = {a: {"CPU": 1.0}, b: {"CPU": 1.0}}
+    now = [1000.0]
+    monkeypatch.setattr(elastic.time, "time", lambda: now[0])
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {b: 1010.0})
+    assert policy._count_possible_workers(nodes) == 1
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {})  # past the deadline, off the draining list
+    now[0] = 1010.0 + elastic.LEFT_GRACE_S - 1
+    assert policy._count_possible_workers(nodes) == 1  # still expected to go
+    now[0] = 1010.0 + elastic.LEFT_GRACE_S
+    assert policy._count_possible_workers(nodes) == 2 and policy._leaving == {}
 
 
 def _policy_reading(get_reserved_resources, monkeypatch):
@@ -73,7 +96,7 @@ def test_the_restart_size_comes_from_a_fresh_view_of_the_cluster(monkeypatch):
         return {"a" * 56: {"CPU": 1.0}}
 
     policy = _policy_reading(get_reserved_resources, monkeypatch)
-    monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {})
     decision = policy.make_decision_for_non_running_worker_group()
     assert decision.num_workers == 1
     assert calls == [("train-x", True)]
@@ -119,7 +142,7 @@ def test_draining_nodes_asks_ray_core(ray_local):
 
     # the call draining_nodes() makes (it swallows errors, so check the API itself is there) and its answer
     assert ray._private.state.state.get_draining_nodes() == {}  # the embedded one-node Ray drains nothing
-    assert draining_nodes() == set()
+    assert draining_nodes() == {}
 
 
 class _Board:
@@ -220,7 +243,7 @@ def test_a_joining_node_gets_warm_standbys_before_the_group_grows_onto_it(monkey
     asked = []
     monkeypatch.setattr(standby, "request", lambda node, env, count=1: asked.append((node, env, count)) or True)
     monkeypatch.setattr(elastic, "ray_get", lambda value, timeout=5.0: value)
-    monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {})
     board = SimpleNamespace(standby_env=SimpleNamespace(remote=lambda: '{"env_vars":{"X":"1"}}'))
     policy = elastic.AcceptedSizesScalingPolicy(
         ScalingConfig(num_workers=(1, 4), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2, 4], board=board)
@@ -241,7 +264,7 @@ def test_no_standbys_for_a_run_that_keeps_none(monkeypatch):
     asked = []
     monkeypatch.setattr(standby, "request", lambda *args, **kwargs: asked.append(args))
     monkeypatch.setattr(elastic, "ray_get", lambda value, timeout=5.0: value)
-    monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {})
     board = SimpleNamespace(standby_env=SimpleNamespace(remote=lambda: None))  # elastic.warm_standby=false
     policy = elastic.AcceptedSizesScalingPolicy(
         ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1}), accepted_sizes=[1, 2], board=board)
@@ -279,7 +302,7 @@ def test_growing_onto_a_joined_node_waits_for_its_standbys(monkeypatch):
     policy = _policy_reading(lambda requester, recompute=False: dict(cluster), monkeypatch)
     asked = []
     monkeypatch.setattr(standby, "request", lambda node, env, count=1: asked.append(node) or True)
-    monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {})
     policy._board = SimpleNamespace(standby_env=SimpleNamespace(remote=lambda: "{}"))
     ray_decides = []
     monkeypatch.setattr(ElasticScalingPolicy, "make_decision_for_running_worker_group",
@@ -317,10 +340,59 @@ def test_a_running_group_is_not_shrunk_for_a_node_that_is_only_draining(monkeypa
         policy._latest_monitor_time = policy._latest_reserved_resources_query_time = 0.0  # both due again
         return policy.make_decision_for_running_worker_group(running, None)
 
-    monkeypatch.setattr(elastic, "draining_nodes", lambda: {b})
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {b: 0.0})
     assert isinstance(decide(), NoopDecision)
-    assert policy._leaving == {b} and policy._count_possible_workers(dict(cluster)) == 1  # a restart: without b
+    assert set(policy._leaving) == {b} and policy._count_possible_workers(dict(cluster)) == 1  # a restart: without b
     del cluster[b]  # b is gone (and no longer draining): the group must shrink
-    monkeypatch.setattr(elastic, "draining_nodes", lambda: set())
+    monkeypatch.setattr(elastic, "draining_nodes", lambda: {})
     decision = decide()
     assert isinstance(decision, ResizeDecision) and decision.num_workers == 1
+
+
+def test_a_group_that_saved_before_the_deadline_is_a_preemption_not_a_failure():
+    """Every rank of an elastic group raises SavedBeforeDeadline once its checkpoint before the deadline is sealed,
+    so that Ray Train restarts it at once; the failure policy charges that to max_preemption_failures."""
+    import pickle
+
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+    from ray.train.v2.api.preemption import PreemptionInfo
+
+    from pipelines.elastic import PreemptionAwareFailurePolicy, SavedBeforeDeadline
+
+    info = PreemptionInfo(deadline_ms=1_000_000, preempted_node_to_ranks={"b" * 56: [1]})
+    saved = pickle.loads(pickle.dumps(SavedBeforeDeadline(120, info)))  # it crosses from a worker to the controller
+    assert saved.step == 120 and saved.preemption_info == info
+    assert str(saved) == ("checkpointed step 120 before the preemption deadline of node(s) bbbbbbbbbbbb; "
+                          "restarting on the nodes that stay")
+
+    def ended(*errors):
+        return WorkerGroupError("ended", dict(enumerate(errors)))
+
+    policy = PreemptionAwareFailurePolicy(FailureConfig(max_failures=0, max_preemption_failures=2))
+    assert policy.make_decision(ended(saved, saved)) == FailureDecision.RETRY
+    assert policy.make_decision(ended(saved)) == FailureDecision.RETRY  # rank 0 raised first: the same
+    assert policy.make_decision(ended(saved, saved)) == FailureDecision.RAISE  # a third reclaim: over the budget
+    policy = PreemptionAwareFailurePolicy(FailureConfig(max_failures=0, max_preemption_failures=2))
+    assert policy.make_decision(ended(saved, RuntimeError("boom"))) == FailureDecision.RAISE  # a real failure
+
+
+def test_the_elastic_trainer_uses_the_preemption_aware_failure_policy(monkeypatch):
+    from ray.train import FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.failure_handling import create_failure_policy
+
+    from pipelines.elastic import AcceptedSizesScalingPolicy, PreemptionAwareFailurePolicy
+
+    seen = {}
+    monkeypatch.setattr(TorchTrainer, "_initialize_and_run_controller", lambda self, **kwargs: seen.update(kwargs))
+    failure = FailureConfig(max_failures=3, max_preemption_failures=7)
+    for workers, elastic in (((1, 2), True), (2, False)):
+        seen.clear()
+        trainer = ElasticTorchTrainer(lambda: None, accepted_sizes=[1, 2], run_config=RunConfig(failure_config=failure),
+                                      scaling_config=ScalingConfig(num_workers=workers))
+        trainer._initialize_and_run_controller(scaling_policy=None, failure_policy=create_failure_policy(failure))
+        assert isinstance(seen["failure_policy"], PreemptionAwareFailurePolicy) == elastic
+        assert isinstance(seen["scaling_policy"], AcceptedSizesScalingPolicy) == elastic
+        assert seen["failure_policy"].failure_config.max_preemption_failures == 7
