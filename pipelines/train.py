@@ -499,13 +499,13 @@ def train_loop_per_worker(config: dict) -> None:
         # ray.train.report blocks until Ray Train's controller has taken the previous report, which it polls once
         # per health-check interval (~0.9 s per report measured when reporting every few steps): report at most
         # once per two intervals so a report never waits. Every step still reaches the board and the gauges.
-        time_says_report = float(done - last_report_step >= cfg.log_every
-                                 and time.monotonic() - last_report >= report_gap_s)
+        report_free = float(time.monotonic() - last_report >= report_gap_s)
+        time_says_report = float(done - last_report_step >= cfg.log_every and report_free)
         save_for_resize = float(check and save_token is not None)
         gap = _sync_gap([r[1] for r in rows], notice)
         first = done - len(rows)  # the agreement covers steps first+1 .. done
         decisions, per_step, sample_ids = _agree(
-            [time_says_save, wind_down, time_says_report, time_says_check, save_for_resize, gap, rss_mb],
+            [time_says_save, wind_down, time_says_report, time_says_check, save_for_resize, gap, rss_mb, report_free],
             [r[:3] for r in rows],
             [order.batch_ids(s, plan.global_batch, dp_rank, plan.dp) for s in range(first, done)],
             dp_rank, world)
@@ -545,7 +545,12 @@ def train_loop_per_worker(config: dict) -> None:
             save, record["checkpoint"] = True, "retry"
         if save:
             t0 = time.perf_counter()
-            saved = _save_checkpoint(engine, cfg, plan, done, config, record, fs, run_path, rank)
+            # Each checkpoint Ray Train is told of waits for the controller to take the previous report (it polls
+            # once per health-check interval), and a group's end waits for all of them: a tiny run checkpointing
+            # every 10 steps (~0.3 s) spent 46 s after its last step handing them over. So Ray Train hears of one
+            # at most once per report gap, and of the last; every checkpoint is sealed in storage alike.
+            register = last or bool(decisions[0, 7])
+            saved = _save_checkpoint(engine, cfg, plan, done, config, record, fs, run_path, rank, register)
             while not saved and last:  # nothing left to train: wait for the storage rather than lose the run
                 if failures_in_a_row >= FINAL_SAVE_TRIES:
                     raise OSError(f"checkpoint storage {run_path} stayed unwritable through {FINAL_SAVE_TRIES} "
@@ -553,7 +558,7 @@ def train_loop_per_worker(config: dict) -> None:
                 time.sleep(min(2.0 ** failures_in_a_row, 30.0))
                 failures_in_a_row += 1
                 storage_failures += 1
-                saved = _save_checkpoint(engine, cfg, plan, done, config, record, fs, run_path, rank)
+                saved = _save_checkpoint(engine, cfg, plan, done, config, record, fs, run_path, rank, register)
             if saved:
                 if resize_save and rank == 0:
                     board.saved.remote(save_token)  # the elastic policy may restart the group now
@@ -561,7 +566,8 @@ def train_loop_per_worker(config: dict) -> None:
                 saved_for_resize = resize_save
                 retry_at, failures_in_a_row = None, 0
                 last_save, last_save_s = time.monotonic(), time.perf_counter() - t0
-                last_report = last_save
+                if register:
+                    last_report = last_save
             else:  # storage briefly unwritable: keep training, try again after 1, 2, 4, ... steps
                 storage_failures += 1
                 retry_at = done + min(2 ** failures_in_a_row, 64)
@@ -772,9 +778,11 @@ def _already_in_place(checkpoint, _dir_name: str):
 
 
 def _save_checkpoint(engine, cfg: TrainConfig, plan, done: int, config: dict, metrics: dict, fs, run_path: str,
-                     rank: int) -> bool:
-    """Every rank writes its shards, all report, then rank 0 seals the folder and prunes old ones. Returns False
-    (on every rank alike) when the storage could not be written; the caller retries later."""
+                     rank: int, register: bool = True) -> bool:
+    """Every rank writes its shards (and, if `register`, reports them to Ray Train), then rank 0 seals the folder and
+    prunes old ones. Returns False (on every rank alike) when the storage could not be written; the caller retries
+    later. Resuming reads the seals, not Ray Train's list; on remote storage Ray Train's report is the upload, so
+    there every checkpoint is registered."""
     import pyarrow.fs as pafs
     import ray.train
     import torch.distributed as dist
@@ -791,8 +799,10 @@ def _save_checkpoint(engine, cfg: TrainConfig, plan, done: int, config: dict, me
         engine.save_checkpoint(path, tag=TAG, client_state=state)
         # Registered with Ray Train from a background thread: the hand-over waits until the controller took the
         # previous report (it polls once per health-check interval), up to a second that training need not wait.
-        _report(metrics, checkpoint=ray.train.Checkpoint(path), checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-                checkpoint_upload_fn=_already_in_place, delete_local_checkpoint_after_upload=False)
+        if register:
+            _report(metrics, checkpoint=ray.train.Checkpoint(path),
+                    checkpoint_upload_mode=CheckpointUploadMode.ASYNC, checkpoint_upload_fn=_already_in_place,
+                    delete_local_checkpoint_after_upload=False)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=TAG, client_state=state)
