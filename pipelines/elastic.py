@@ -80,7 +80,7 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         self._board = board  # the run's progress board: where a resize asks the workers for a checkpoint
         self._pending: _PendingResize | None = None
         self._now = time.monotonic
-        self._leaving: dict[str, float] = {}  # nodes seen draining and still on Ray's books -> counted again after
+        self._leaving: dict[str, float] = {}  # node seen draining, still on Ray's books -> counts again at (epoch s)
         self._seen: set[str] | None = None  # nodes with reserved resources at the last look (None: no look yet)
         self._warming: dict[str, float] = {}  # joined node -> when its standbys were asked for (monotonic s)
         self._read_failures = 0  # reads of the reserved resources that failed in a row
@@ -161,8 +161,9 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
 
     def _shrinks_only_for_leaving(self, decision: ResizeDecision, worker_group_state) -> bool:
         """A running group is not shrunk for a node that is only draining: its workers see the drain notice too,
-        checkpoint just in time and train on until the deadline, when Ray restarts the group on the nodes that stay
-        (the decision for a group not running leaves the draining nodes out). Shrunk at a resize check instead, the
+        checkpoint just in time and train on until their checkpoint right before the deadline, when the group ends
+        (`SavedBeforeDeadline`) and Ray restarts it on the nodes that stay (the decision for a group not running
+        leaves the draining nodes out). Shrunk at a resize check instead, the
         group checkpointed and then idled until the node was gone (a tiny `chaos --scenario spot` run, 2026-12-06:
         11.3 s between two steps, of a 10 s notice)."""
         if not self._leaving or decision.num_workers >= worker_group_state.num_workers:

@@ -516,10 +516,11 @@ def train_loop_per_worker(config: dict) -> None:
         periodic = on_schedule or bool(decisions[0, 0])
         save = periodic or resize_save
         winding_down = bool(decisions[0, 1])
+        just_in_time = notice is not None and not jit_saved
         if notice is not None:
             # A node of ours is being drained: checkpoint at once (just in time), keep training while the deadline
             # leaves room, and checkpoint once more right before it, so that no optimizer step is lost.
-            save = save or not jit_saved or winding_down
+            save = save or just_in_time or winding_down
             jit_saved = True
         max_rss_mb = float(decisions[:, 6].max())
         records = []
@@ -538,7 +539,7 @@ def train_loop_per_worker(config: dict) -> None:
         record["val_loss"] = val_loss
         if teacher is not None:
             record["val_kl"] = val_kl
-        record["checkpoint"] = ("final-before-deadline" if winding_down else "just-in-time" if notice is not None
+        record["checkpoint"] = ("final-before-deadline" if winding_down else "just-in-time" if just_in_time
                                 else "periodic" if periodic else "before-resize") if save else None
         saved_for_resize = False
         if not save and retry_at is not None and done >= retry_at:
@@ -592,6 +593,7 @@ def train_loop_per_worker(config: dict) -> None:
                 # stay (pipelines/elastic.py) rather than once the node is gone and noticed.
                 if rank == 0:
                     ray.get(board.log.remote([], {}))  # the board has taken this step's records (calls keep order)
+                dist.barrier()  # no rank ends the group (and so rank 0's process) before that
                 raise SavedBeforeDeadline(done, notice)
             _await_teardown(notice)
             jit_saved = False  # the node survived its deadline: a later notice gets its own checkpoints

@@ -44,6 +44,12 @@ def test_spot_reclaim_loses_no_step_and_finishes_on_survivor(chaos_cfg, shared, 
     assert r["max_rel_loss_diff_vs_reference"] < 1e-3  # world size 1 reduces in another order: ~1e-7
     assert r["recovery_s"] is not None and r["recovery_s"] > 0
     assert r["warm_standby_workers"][1:] == ["1/1"]  # the survivor's standby, asked for when the first group trained
+    # one checkpoint on the notice, one right before the deadline, where the first group ended (SavedBeforeDeadline)
+    # and the survivor resumed; any other save in between was a periodic one
+    history = result.disturbed.history
+    kinds = history["checkpoint"].dropna()
+    assert list(kinds).count("just-in-time") == 1 and list(kinds).count("final-before-deadline") == 1
+    assert r["resumed_from_steps"][1] == int(history.loc[kinds[kinds == "final-before-deadline"].index[0], "step"])
     assert result.path.is_file()
 
 
