@@ -1,5 +1,6 @@
-"""The elastic trainer: controller callbacks (PlacementGroupCleaner only where a dashboard serves the state API) and
-the scaling policy (accepted sizes, draining nodes left out, a checkpoint before every resize)."""
+"""The elastic trainer: controller callbacks (PlacementGroupCleaner only where a dashboard serves the state API), the
+scaling policy (accepted sizes, draining nodes left out, a checkpoint before every resize) and the failure policy (a
+group that ended at its checkpoint before a preemption deadline is a preemption)."""
 
 from ray.train import ScalingConfig
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
