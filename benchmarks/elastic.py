@@ -7,8 +7,9 @@ preset:
 
 1. one undisturbed reference run, then one run per chaos scenario (spot, kill-worker, kill-node, torn-checkpoint,
    resize) against it: seconds from the node's (or worker's) death — after a drain notice, from the death or the
-   noticed group's last step, whichever came first — to the first step of the new group (goal ≤ 15 s), steps lost (goal 0 with a notice), samples duplicated or skipped, loss difference to the reference,
-   and the time spent converting to DeepSpeed's universal format when the world size changed;
+   noticed group's last step, whichever came first — to the first step of the new group (goal ≤ 15 s), steps lost
+   (goal 0 with a notice), samples duplicated or skipped, loss difference to the reference, and the time spent
+   converting to DeepSpeed's universal format when the world size changed;
 2. a run of about `--goodput-minutes` with `--reclaims` spot reclaims spread over it (drain notice, just-in-time
    checkpoint, node removed at the deadline, a fresh node joining `--rejoin` s later, the group growing back):
    goodput (productive step time / wall time, startup and restarts included; goal ≥ 90 %), each reclaim's

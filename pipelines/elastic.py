@@ -152,7 +152,7 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         # after its deadline (it survived: the reclaim was cancelled).
         now = time.time()
         for node, deadline in draining_nodes().items():
-            self._leaving[node] = max(self._leaving.get(node, 0.0), max(deadline, now) + LEFT_GRACE_S)
+            self._leaving[node] = max(deadline, now) + LEFT_GRACE_S
         self._leaving = {node: until for node, until in self._leaving.items()
                          if node in reserved_resources and now < until}
         staying = {node: res for node, res in reserved_resources.items() if node not in self._leaving}
@@ -163,9 +163,9 @@ class AcceptedSizesScalingPolicy(ElasticScalingPolicy):
         """A running group is not shrunk for a node that is only draining: its workers see the drain notice too,
         checkpoint just in time and train on until their checkpoint right before the deadline, when the group ends
         (`SavedBeforeDeadline`) and Ray restarts it on the nodes that stay (the decision for a group not running
-        leaves the draining nodes out). Shrunk at a resize check instead, the
-        group checkpointed and then idled until the node was gone (a tiny `chaos --scenario spot` run, 2026-12-06:
-        11.3 s between two steps, of a 10 s notice)."""
+        leaves the draining nodes out). Shrunk at a resize check instead, the group checkpointed and then idled until
+        the node was gone (a tiny `chaos --scenario spot` run, 2026-12-06: 11.3 s between two steps, of a 10 s
+        notice)."""
         if not self._leaving or decision.num_workers >= worker_group_state.num_workers:
             return False
         reserved = self._latest_reserved_resources or {}
@@ -236,9 +236,9 @@ class SavedBeforeDeadline(Exception):
         self.step, self.preemption_info = step, preemption_info
 
     def __str__(self) -> str:
-        nodes = sorted(getattr(self.preemption_info, "preempted_node_ids", None) or [])
-        return (f"checkpointed step {self.step} before the preemption deadline of node(s) "
-                f"{', '.join(n[:12] for n in nodes) or '?'}; restarting on the nodes that stay")
+        nodes = ", ".join(node[:12] for node in self.preemption_info.preempted_node_ids)
+        return (f"checkpointed step {self.step} before the preemption deadline of node(s) {nodes}; restarting on "
+                "the nodes that stay")
 
 
 class PreemptionAwareFailurePolicy(DefaultFailurePolicy):
@@ -246,11 +246,10 @@ class PreemptionAwareFailurePolicy(DefaultFailurePolicy):
     what it is: a preemption (its own retry budget, `max_preemption_failures`), not a failure."""
 
     def make_decision(self, training_failed_error):
-        failures = getattr(training_failed_error, "worker_failures", None) or {}
-        if isinstance(training_failed_error, WorkerGroupError) and failures and all(
-                isinstance(error, SavedBeforeDeadline) for error in failures.values()):
-            training_failed_error = PreemptionError(next(iter(failures.values())).preemption_info,
-                                                    drain_timed_out=False)
+        if isinstance(training_failed_error, WorkerGroupError):
+            failures = list(training_failed_error.worker_failures.values())
+            if failures and all(isinstance(error, SavedBeforeDeadline) for error in failures):
+                training_failed_error = PreemptionError(failures[0].preemption_info, drain_timed_out=False)
         return super().make_decision(training_failed_error)
 
 
