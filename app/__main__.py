@@ -416,6 +416,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", default="all", help="code, docs, ... or all (default: every domain of the data)")
     p.add_argument("--data", help="prepared data folder (default: the model card's data)")
     p.add_argument("--batches", type=int, default=8, help="validation batches of 8 windows per domain (default 8)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile, as `serve` does with compile: true (the first calls compile: "
+                        "tens of seconds)")
     _add_registry(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -426,7 +429,8 @@ def _eval(args: argparse.Namespace) -> int:
     from app import sdk
     from app.console import print_table, short_path
 
-    r = sdk.evaluate(args.model, args.data, domains=args.domain, batches=args.batches, registry=args.registry)
+    r = sdk.evaluate(args.model, args.data, domains=args.domain, batches=args.batches, registry=args.registry,
+                     compile=args.compile)
     args.result = {**asdict(r), "perplexity": r.perplexity}
     if args.json:
         print(json.dumps(args.result, indent=2))

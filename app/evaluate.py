@@ -47,6 +47,7 @@ class EvalResult:
     tokens_per_s: dict[int, float]  # decoding batch size -> generated tokens per second
     machine: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    compiled: bool = False  # decoding ran through torch.compile (GPT.compile_decoding)
 
     @property
     def perplexity(self) -> dict[str, float]:
@@ -58,6 +59,8 @@ class EvalResult:
         for d, loss in self.val_loss.items():
             rows += [(f"val loss {d}", round(loss, 4)), (f"perplexity {d}", round(math.exp(loss), 2))]
         rows += [(f"tokens/s batch {b}", round(v, 1)) for b, v in self.tokens_per_s.items()]
+        if self.tokens_per_s:
+            rows.append(("decoding", "torch.compile" if self.compiled else "eager"))
         return rows
 
     def _repr_html_(self) -> str:
@@ -150,12 +153,14 @@ def card_metrics(model: GPT, tokenizer: Tokenizer, data_dir: str | Path, *, batc
 
 
 def evaluate(model_or_name, data_dir: str | Path | None = None, *, domains: str | Sequence[str] = "all",
-             batches: int = 8, batch_size: int = 8, registry: str | None = None, speed: bool = True) -> EvalResult:
+             batches: int = 8, batch_size: int = 8, registry: str | None = None, speed: bool = True,
+             compile: bool = False) -> EvalResult:
     """Evaluate a model: a registry name, an artifact folder, an `Artifact` already loaded, or a bare `GPT`
     (then pass data_dir; its tokenizer is not checked against the data's).
 
     data_dir defaults to the folder in the model's card ('data'); domains: 'all', one name, or a list.
-    batches × batch_size validation windows per domain bound the cost (default 64 windows).
+    batches × batch_size validation windows per domain bound the cost (default 64 windows). compile=True
+    measures the model as `GPT.compile_decoding` runs it (the first calls compile: the untimed warm-ups pay that).
     """
     from app.registry import Artifact, load_artifact, machine
 
@@ -168,9 +173,12 @@ def evaluate(model_or_name, data_dir: str | Path | None = None, *, domains: str 
     if data_dir is None:
         raise DataError("the model's card names no data folder; pass --data DIR (a prepared data set)")
     label = card.get("name") or str(model_or_name if not isinstance(model_or_name, Artifact) else artifact.path)
+    if compile and not artifact.model.compiled:
+        artifact.model.compile_decoding()
     losses, counts, speeds = measure(artifact.model, artifact.tokenizer, data_dir, domains=domains,
                                      batches=batches, batch_size=batch_size, speed=speed, label=label)
     return EvalResult(model=label, data=str(data_dir), parameters=card.get("parameters")
                       or artifact.model.num_params(non_embedding=False), bytes=card.get("bytes"),
                       quantization=card.get("quantization"), val_loss=losses, tokens_evaluated=counts,
-                      tokens_per_s=speeds, machine=machine(), seconds=time.perf_counter() - start)
+                      tokens_per_s=speeds, machine=machine(), seconds=time.perf_counter() - start,
+                      compiled=artifact.model.compiled)

@@ -141,6 +141,20 @@ class Head(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+class _Entry(nn.Module):
+    """One of a GPT's inference forwards as a module of its own, for torch.compile: compiling a module (rather
+    than a bound method) lets inductor's freezing treat the GPT's weights as constants, which its int8 lowering
+    needs. Holds the GPT outside its own module tree, so the GPT's parameters and state_dict are unchanged."""
+
+    def __init__(self, gpt: "GPT", name: str) -> None:
+        super().__init__()
+        self.gpt = gpt
+        self.fn = gpt._logits if name == "forward" else gpt._logits_padded
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
 def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of logits [B, T, V] against targets [B, T], skipping IGNORE_INDEX.
 
@@ -186,6 +200,7 @@ class GPT(nn.Module):
         self.head.lm_head.weight = self.embed.wte.weight
         # Recompute each block's activations in backward instead of keeping them (set by the trainer).
         self.activation_checkpointing = False
+        self._compiled: dict | None = None  # compile_decoding(): torch.compile'd inference forwards
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -200,6 +215,46 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def compile_decoding(self) -> GPT:
+        """Run this model's inference forwards (generate, forward_padded, and forward without targets) through
+        torch.compile; returns self. For a finished model: serving and evaluation.
+
+        Inductor fuses each forward into a few C++ kernels around the matmuls, which removes most of the
+        per-operator overhead of a small model's decode step; with torchao's int8 weights it also fuses the
+        activation quantization and scaling around the int8 matmuls — on x86 CPUs that is where torchao int8 gets
+        its speed (eagerly it is slower than fp32 here; README, "Compression"). Shapes are dynamic (batch, prompt and cache length), so a
+        model compiles a few graphs on its first calls — tens of seconds on a small CPU — and then reuses them.
+
+        Inference only: the compiled path runs in eval mode with gradients off, and the weights are frozen into
+        the compiled code (inductor's `freezing`), so changing them afterwards is not seen; training and loss
+        computation always run eagerly. Copies and pickles of the model are eager again.
+        """
+        import torch._dynamo
+        import torch._inductor.config
+
+        # Every model compiles the same methods (one code object for all GPTs): leave room for several models
+        # of a process (a benchmark, an LMServer with its judge) and their prefill/decode graphs.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # Freezing is read when a graph compiles, which happens on a call (a new shape may recompile later), so
+        # every call runs with it set rather than setting it for the whole process (torch.compile's `options`
+        # does not reach it).
+        frozen = torch._inductor.config.patch(freezing=True)
+        self._compiled = {name: frozen(torch.compile(_Entry(self, name), dynamic=True))
+                          for name in ("forward", "padded")}
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """True after compile_decoding()."""
+        return self._compiled is not None
+
+    def _use_compiled(self) -> bool:
+        return not self.training and not torch.is_grad_enabled()
+
+    def __getstate__(self) -> dict:
+        # The compiled functions are bound to this instance: a copy or a pickle runs eagerly.
+        return {**super().__getstate__(), "_compiled": None}
 
     def forward(
         self,
@@ -221,15 +276,20 @@ class GPT(nn.Module):
             )
         if start_pos and kv_cache is None:
             raise ValueError(f"start_pos={start_pos} needs a kv_cache holding the earlier positions")
+        if self._compiled is not None and targets is None and self._use_compiled():
+            return self._compiled["forward"](idx, kv_cache, start_pos), None
+        logits = self._logits(idx, kv_cache, start_pos)
+        loss = None if targets is None else pipeline_loss(logits, targets)
+        return logits, loss
+
+    def _logits(self, idx: torch.Tensor, kv_cache: list[KVCache] | None, start_pos: int) -> torch.Tensor:
         x = self.embed(idx, start_pos)  # [B, T, D]
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and kv_cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)  # [B, T, D]
             else:
                 x = block(x, None if kv_cache is None else kv_cache[i], start_pos)  # [B, T, D]
-        logits = self.head(x)  # [B, T, V]
-        loss = None if targets is None else pipeline_loss(logits, targets)
-        return logits, loss
+        return self.head(x)  # [B, T, V]
 
     def new_kv_cache(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None,
@@ -257,6 +317,14 @@ class GPT(nn.Module):
         if int(positions[:, -1].max()) >= self.cfg.seq_len:
             raise ValueError(f"a row reaches position {int(positions[:, -1].max())}, beyond "
                              f"model.seq_len={self.cfg.seq_len}; lower max_new_tokens or shorten the prompt")
+        if self._compiled is not None and self._use_compiled():
+            return self._compiled["padded"](idx, pad, kv_cache, start_pos, positions)
+        return self._logits_padded(idx, pad, kv_cache, start_pos, positions)
+
+    def _logits_padded(self, idx: torch.Tensor, pad: torch.Tensor, kv_cache: list[KVCache], start_pos: int,
+                       positions: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        slots = torch.arange(start_pos, start_pos + T, device=idx.device)  # [T]
         keys = torch.arange(start_pos + T, device=idx.device)  # [S]
         mask = (keys <= slots[:, None]) & (keys >= pad[:, None, None])  # [B, T, S]: causal, no padding
         # A padding query would see no key at all, and an all-masked softmax row is NaN, which the next layer's

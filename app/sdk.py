@@ -320,13 +320,14 @@ def quantize(model: str | Path, method: str = "int8", *, name: str | None = None
 
 
 def evaluate(model, data: str | Path | None = None, *, domains="all", batches: int = 8,
-             registry: str | None = None):
+             registry: str | None = None, compile: bool = False):
     """Validation loss and perplexity per domain (`domains`: "all", "code", "docs" or a list), generation
     tokens/s at batch 1 and 16, and size of `model` (a registry name, an artifact folder or a loaded Artifact) on
-    `data` (default: the folder in its card). Returns an `EvalResult`."""
+    `data` (default: the folder in its card). compile=True decodes through torch.compile
+    (`GPT.compile_decoding`). Returns an `EvalResult`."""
     from app.evaluate import evaluate as run_eval
 
-    return run_eval(model, data, domains=domains, batches=batches, registry=registry)
+    return run_eval(model, data, domains=domains, batches=batches, registry=registry, compile=compile)
 
 
 def models(registry: str | None = None):

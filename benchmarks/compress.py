@@ -49,6 +49,17 @@ def _student_shape(teacher) -> list[str]:
     return [f"model.n_layer={max(1, m.n_layer // 2)}", f"model.d_model={width}", f"model.n_head={heads}"]
 
 
+def fastest(speeds: dict[str, dict[str, float]], names) -> tuple[str, dict[str, float]]:
+    """The fastest of `names` (those measured) by its worst batch, with its tokens/s per batch."""
+    name = max((n for n in names if n in speeds), key=lambda n: min(speeds[n].values()))
+    return name, speeds[name]
+
+
+def speed_ratio(fast: dict[str, float], slow: dict[str, float]) -> float:
+    """Worst-batch ratio of two {batch: tokens/s}: what a goal asking "x times at batch 1 and 16" compares."""
+    return min(fast[b] / slow[b] for b in slow)
+
+
 def _interleaved_speeds(models: dict, rounds: int, label: str) -> dict[str, dict[str, float]]:
     """Best tokens/s of each model at each decoding batch over `rounds` rounds, every model once per round (a
     noisy neighbour slows one round of every model rather than every round of one)."""
@@ -66,10 +77,13 @@ def _interleaved_speeds(models: dict, rounds: int, label: str) -> dict[str, dict
     return best
 
 
-def _speed_at_shape(preset: str, rounds: int) -> dict[str, dict]:
+def _speed_at_shape(preset: str, rounds: int, compiled: bool) -> dict[str, dict]:
     """Decoding speed of the preset's teacher shape, its student shape and the int8 student, with random weights:
     speed depends on shapes, not on what the weights learned, so this measures the speed goals at a scale this
-    machine cannot train in a benchmark run."""
+    machine cannot train in a benchmark run. compiled: also each through GPT.compile_decoding (int8 on torchao's
+    weights, which is what inductor lowers to VNNI int8 kernels)."""
+    import copy
+
     import torch
 
     from app.config import load_config
@@ -87,10 +101,15 @@ def _speed_at_shape(preset: str, rounds: int) -> dict[str, dict]:
         models["student int4"] = quantize(student, "int4")[0].eval()
     except UserError:  # no int4 kernel at all here: the main table says why
         pass
+    if compiled:  # copies (they decode eagerly) compiled for decoding
+        models["teacher (compiled)"] = copy.deepcopy(teacher).compile_decoding()
+        models["student (compiled)"] = copy.deepcopy(student).compile_decoding()
+        models["student int8 torchao (compiled)"] = quantize(student, "int8", "torchao")[0].compile_decoding()
     speeds = _interleaved_speeds(models, rounds, f"tokens/s at {preset} shapes")
     params = {"teacher": teacher.num_params(non_embedding=False), "student": student.num_params(non_embedding=False)}
-    for name in ("student int8", "student int4"):  # the same weights, quantized (no longer nn.Parameters)
-        params[name] = params["student"]
+    params["teacher (compiled)"] = params["teacher"]
+    for name in models:  # the student's weights, quantized (no longer nn.Parameters) or compiled
+        params.setdefault(name, params["student"])
     return {name: {"parameters": params[name], "tokens_per_s": speeds[name]} for name in models}
 
 
@@ -116,9 +135,9 @@ def main(argv=None) -> int:
 
     from app import sdk
     from app.config import load_config
-    from app.data import read_manifest
+    from app.data import load_tokens, read_manifest
     from app.errors import UserError
-    from app.evaluate import SPEED_BATCHES, evaluate
+    from app.evaluate import SPEED_BATCHES, evaluate, val_loss
     from app.model import GPT
     from app.registry import Registry, load_artifact, machine
 
@@ -136,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--speed-preset", default="small",
                     help="also time teacher/student/int8-student shapes of this preset with random weights "
                          "('' to skip)")
+    ap.add_argument("--no-compiled", dest="compiled", action="store_false",
+                    help="skip the torch.compile'd decoding rows (GPT.compile_decoding; they add minutes of compiling)")
     ap.add_argument("--out", default="runs/bench-compress")
     args = ap.parse_args(argv)
 
@@ -177,16 +198,18 @@ def main(argv=None) -> int:
 
     # ---- quantize the distilled student -------------------------------------------------------------------------
     unsupported, backends = {}, {}
-    for method in ("int8", "int4"):
+    for method, backend, label in (("int8", "auto", "int8"), ("int4", "auto", "int4"),
+                                   ("int8", "torchao", "int8 torchao")):
+        name = f"student-kd-{label.replace(' ', '-')}"
         try:
-            q = sdk.quantize(kd, method, name=f"student-kd-{method}", registry=registry.root, data=data_dir,
+            q = sdk.quantize(kd, method, name=name, registry=registry.root, data=data_dir, backend=backend,
                              overwrite=True)
-            models[f"student (KD) {method}"] = registry.path(f"student-kd-{method}")
-            backends[method] = q.backend
+            models[f"student (KD) {label}"] = registry.path(name)
+            backends[label] = q.backend
             del q
         except UserError as err:
-            unsupported[method] = str(err)
-            print(f"{method}: {err}")
+            unsupported[label] = str(err)
+            print(f"{label}: {err}")
     train_s = time.perf_counter() - t_start
 
     # ---- measure, all in this process -----------------------------------------------------------------------------
@@ -200,7 +223,12 @@ def main(argv=None) -> int:
                        "val_loss": r.val_loss, "tokens_per_s": {str(b): 0.0 for b in SPEED_BATCHES}}
     for label, best in _interleaved_speeds(loaded, args.speed_rounds, "tokens/s rounds").items():
         rows[label]["tokens_per_s"] = best
-    shape_rows = _speed_at_shape(args.speed_preset, args.speed_rounds) if args.speed_preset else {}
+    compiled_rows = {}
+    if args.compiled:
+        trio = {k: load_artifact(models[k]).model.eval().compile_decoding()
+                for k in ("teacher", "student (KD)", "student (KD) int8 torchao") if k in models}
+        compiled_rows = _interleaved_speeds(trio, args.speed_rounds, "compiled tokens/s rounds")
+    shape_rows = _speed_at_shape(args.speed_preset, args.speed_rounds, args.compiled) if args.speed_preset else {}
     t = rows["teacher"]
     for row in rows.values():
         row["retention"] = {d: math.exp(t["val_loss"][d] - row["val_loss"][d]) for d in domains}
@@ -220,16 +248,39 @@ def main(argv=None) -> int:
     checks = {}
     checks[list(GOALS)[0]] = all(kd_r["val_loss"][d] < plain_r["val_loss"][d] for d in domains)
     checks[list(GOALS)[1]] = all(rows[f"specialist {d}"]["retention"][d] >= 0.95 for d in domains)
-    q = rows.get("student (KD) int8")
-    if q:
-        rel = max(q["val_loss"][d] / kd_r["val_loss"][d] - 1 for d in domains)
-        speed_vs_student = min(q["tokens_per_s"][b] / kd_r["tokens_per_s"][b] for b in ("1", "16"))
-        speed_vs_teacher = min(q["tokens_per_s"][b] / t["tokens_per_s"][b] for b in ("1", "16"))
+    if compiled_rows:
+        print_table("compiled decoding (GPT.compile_decoding), same run", ["model", "tok/s b1", "tok/s b16",
+                                                                           "x eager b1", "x eager b16"],
+                    [[k, f"{v['1']:,.0f}", f"{v['16']:,.0f}", *(f"x{v[b] / rows[k]['tokens_per_s'][b]:.2f}"
+                                                                for b in ("1", "16"))]
+                     for k, v in compiled_rows.items()])
+        if "student (KD) int8 torchao" in compiled_rows:  # the compiled kernels' own numerics
+            model = trio["student (KD) int8 torchao"]
+            rows["student (KD) int8 torchao"]["val_loss_compiled"] = {
+                d: val_loss(model, load_tokens(data_dir, "val", domains=[d]), batches=args.eval_batches)[0]
+                for d in domains}
+    # Every way of running a model is a candidate: each goal compares the fastest int8 student with the fastest
+    # fp32 baseline, eager or compiled, at the worse of batch 1 and 16.
+    speeds = {k: r["tokens_per_s"] for k, r in rows.items()}
+    speeds.update({f"{k} (compiled)": v for k, v in compiled_rows.items()})
+    int8_names = ["student (KD) int8", "student (KD) int8 torchao", "student (KD) int8 torchao (compiled)"]
+    if any(n in speeds for n in int8_names):
+        q_name, q_speed = fastest(speeds, int8_names)
+        q_row = rows[q_name.removesuffix(" (compiled)")]
+        q_loss = q_row.get("val_loss_compiled") if q_name.endswith("(compiled)") else q_row["val_loss"]
+        rel = max(q_loss[d] / kd_r["val_loss"][d] - 1 for d in domains)
+        s_name, s_speed = fastest(speeds, ["student (KD)", "student (KD) (compiled)"])
+        t_name, t_speed = fastest(speeds, ["teacher", "teacher (compiled)"])
+        vs_student, vs_teacher = speed_ratio(q_speed, s_speed), speed_ratio(q_speed, t_speed)
         checks[list(GOALS)[2]] = rel <= 0.02
-        checks[list(GOALS)[3]] = speed_vs_student >= 1.5
-        checks[list(GOALS)[4]] = speed_vs_teacher >= 3.0
-        print(f"int8 vs fp32 student: loss +{rel:.2%} (worst domain), speed x{speed_vs_student:.2f} (worst batch); "
-              f"vs fp32 teacher: speed x{speed_vs_teacher:.2f}")
+        checks[list(GOALS)[3]] = vs_student >= 1.5
+        checks[list(GOALS)[4]] = vs_teacher >= 3.0
+        eager_q = rows.get("student (KD) int8")
+        if eager_q:
+            print(f"eager int8 (torch.ao) vs eager fp32 student: speed "
+                  f"x{speed_ratio(eager_q['tokens_per_s'], kd_r['tokens_per_s']):.2f} (worst batch)")
+        print(f"fastest int8 = {q_name}: loss +{rel:.2%} (worst domain); speed x{vs_student:.2f} the fastest fp32 "
+              f"student ({s_name}), x{vs_teacher:.2f} the fastest fp32 teacher ({t_name}) (worst batch)")
     q4 = rows.get("student (KD) int4")
     if q4:
         rel4 = max(q4["val_loss"][d] / kd_r["val_loss"][d] - 1 for d in domains)
@@ -244,10 +295,13 @@ def main(argv=None) -> int:
                     ["model", "params", "tok/s b1", "tok/s b16"],
                     [[k, f"{v['parameters']:,}", f"{v['tokens_per_s']['1']:,.0f}", f"{v['tokens_per_s']['16']:,.0f}"]
                      for k, v in shape_rows.items()])
-        vs_student = min(sp["student int8"][b] / sp["student"][b] for b in ("1", "16"))
-        vs_teacher = min(sp["student int8"][b] / sp["teacher"][b] for b in ("1", "16"))
-        print(f"at {args.speed_preset} shapes: int8 student x{vs_student:.2f} the fp32 student, x{vs_teacher:.2f} "
-              f"the fp32 teacher (worst batch); student = "
+        q_name, q_speed = fastest(sp, ["student int8", "student int8 torchao (compiled)"])
+        s_name, s_speed = fastest(sp, ["student", "student (compiled)"])
+        t_name, t_speed = fastest(sp, ["teacher", "teacher (compiled)"])
+        vs_student, vs_teacher = speed_ratio(q_speed, s_speed), speed_ratio(q_speed, t_speed)
+        print(f"at {args.speed_preset} shapes: eager int8 x{speed_ratio(sp['student int8'], sp['student']):.2f} the "
+              f"eager fp32 student; fastest int8 ({q_name}) x{vs_student:.2f} the fastest fp32 student ({s_name}), "
+              f"x{vs_teacher:.2f} the fastest fp32 teacher ({t_name}) (worst batch); student = "
               f"{shape_rows['student']['parameters'] / shape_rows['teacher']['parameters']:.1%} of the teacher")
         checks[f"{list(GOALS)[3]} at {args.speed_preset} shapes"] = vs_student >= 1.5
         checks[f"{list(GOALS)[4]} at {args.speed_preset} shapes"] = vs_teacher >= 3.0
@@ -263,7 +317,7 @@ def main(argv=None) -> int:
             "specialist_steps": args.specialist_steps or steps, "specialist_init": "student (KD)",
             "alpha": args.alpha, "temperature": args.temperature, "models": rows, "goals": checks,
             "unsupported": unsupported, "quantization_backends": backends, "train_and_quantize_s": round(train_s, 1),
-            "speed_preset": args.speed_preset, "speed_at_shapes": shape_rows}
+            "speed_preset": args.speed_preset, "speed_at_shapes": shape_rows, "compiled": compiled_rows}
     (results / "compress.json").write_text(json.dumps(body, indent=2))
     print(f"wrote {results / 'compress.json'}")
     return 0

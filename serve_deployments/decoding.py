@@ -220,6 +220,36 @@ class DecodeBatch:
         self._slot = nxt + shift
 
 
+class _Throwaway(Sequence):
+    """A request that ignores its tokens and always runs to max_tokens (warm_up: no tokenizer, no early eos)."""
+
+    def push(self, token: int, logprob: float, entropy: float) -> dict:
+        self.token_ids.append(token)
+        self.finish_reason = "length" if len(self.token_ids) >= self.max_tokens else None
+        return {"text": "", "token_id": token, "finish_reason": self.finish_reason}
+
+
+def warm_up(model: GPT, pad_id: int) -> float:
+    """Decode throwaway requests through `model` in the shapes serving meets — one row and several, prefilled
+    together and joining mid-decode — so that a compiled model (GPT.compile_decoding) has its graphs before the
+    first real request. Returns the seconds it took."""
+    import time
+
+    start = time.perf_counter()
+    vocab = model.cfg.vocab_size
+
+    def request(n: int) -> _Throwaway:
+        return _Throwaway([(7 * i + n) % vocab for i in range(2 + n)], 3, 0.0, None, None, (), None, None)
+
+    for first, late in (([request(1)], [request(2)]), ([request(3), request(4)], [])):
+        batch = DecodeBatch(model, first, pad_id)
+        batch.step()
+        batch.add(late)
+        while not batch.done:
+            batch.step()
+    return time.perf_counter() - start
+
+
 def _score_prompts(seqs: list[Sequence], idx: torch.Tensor, pad: torch.Tensor, logits: torch.Tensor) -> None:
     """Each prompt's mean token log-probability under the model, from a left-padded prefill's logits [B, T, V]
     (no extra forward; a judge's feature). Row by row, so the log-softmax never holds more than one prompt's

@@ -22,6 +22,7 @@ import concurrent.futures
 import logging
 import math
 import secrets
+import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator
 
@@ -32,7 +33,7 @@ from torch.nn import functional as F
 
 from app.errors import UserError
 from app.model import GPT
-from serve_deployments.decoding import ContinuousBatcher, Sequence
+from serve_deployments.decoding import ContinuousBatcher, Sequence, warm_up
 
 logger = logging.getLogger("ray.serve")
 
@@ -150,9 +151,11 @@ def _right_padded(rows: list[list[int]], pad_id: int, model: GPT) -> torch.Tenso
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class LMServer:
-    """Serves one artifact (a folder or registry name) under `name`; `settings` are LiveSettings fields."""
+    """Serves one artifact (a folder or registry name) under `name`; `settings` are LiveSettings fields.
+    compile=True runs the model through torch.compile (GPT.compile_decoding) and compiles its graphs before the
+    replica takes requests (tens of seconds per replica on a small CPU)."""
 
-    def __init__(self, artifact: str, name: str, settings: dict | None = None) -> None:
+    def __init__(self, artifact: str, name: str, settings: dict | None = None, compile: bool = False) -> None:
         from app.registry import load_artifact
 
         self.name = name
@@ -166,6 +169,18 @@ class LMServer:
         self._batcher = ContinuousBatcher(self.model, self.tokenizer.pad_id, self._worker)
         self._draining: set[asyncio.Task] = set()
         self._apply(_validate(LiveSettings, settings or {}, "settings"))
+        if compile:
+            self.model.compile_decoding()
+            seconds = self._worker.submit(self._warm_up).result()
+            logger.info("%s: compiled the model's decoding in %.1f s", name, seconds)
+
+    def _warm_up(self) -> float:
+        """Compile every graph requests will use: decoding (one row and several) and scoring."""
+        start = time.perf_counter()
+        warm_up(self.model, self.tokenizer.pad_id)
+        for rows in (1, 2):
+            score_batch(self.model, [([1, 2, 3], 1)] * rows, self.tokenizer.pad_id)
+        return time.perf_counter() - start
 
     # -- live settings --
 
@@ -299,7 +314,8 @@ class LMServer:
             "max_batch_size": self.settings.max_batch_size, "batch_wait_timeout_s": self.settings.batch_wait_timeout_s,
             "continuous_batching": self.settings.continuous_batching,
             "max_tokens_limit": min(self.settings.max_tokens_limit or self.seq_len, self.seq_len),
-            "torch_threads": self.torch_threads, "batch_stats": dict(self._batcher.stats), "card": card,
+            "torch_threads": self.torch_threads, "compiled": self.model.compiled,
+            "batch_stats": dict(self._batcher.stats), "card": card,
         }
 
 

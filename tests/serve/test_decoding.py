@@ -266,3 +266,46 @@ def test_lmserver_frees_the_row_of_a_stream_its_client_closed(tmp_path, monkeypa
     assert len(got) == 2 and stats["cancelled"] == 1 and stats["requests"] == 2
     tok = server.tokenizer
     assert other["token_ids"] == alone(server.artifact, [tok.eos_id, *tok.encode("import")], 40)
+
+
+def test_compiled_model_decodes_like_the_eager_one(loaded, tmp_path) -> None:
+    """GPT.compile_decoding: after warm_up, rows that join mid-decode through the compiled forward_padded (every
+    step goes through it) give the tokens the eager model gives alone; training and copies stay eager."""
+    import copy
+
+    import torch
+
+    from serve_deployments.decoding import warm_up
+
+    compiled = load_artifact(build_tiny_artifact(tmp_path / "tiny")).model.eval().compile_decoding()
+    calls = []
+    padded = compiled._compiled["padded"]
+    compiled._compiled["padded"] = lambda *a: calls.append(1) or padded(*a)
+    assert warm_up(compiled, loaded.tokenizer.pad_id) > 0
+    assert calls, "warm_up decodes through the compiled graphs"
+    calls.clear()
+    tok = loaded.tokenizer
+    first = [greedy(loaded, ids(loaded, "def f(x):"), 20), greedy(loaded, ids(loaded, "x"), 6)]
+    batch = DecodeBatch(compiled, first, tok.pad_id)
+    for _ in range(3):
+        batch.step()
+    late = [greedy(loaded, ids(loaded, LONG), 9)]
+    batch.add(late)
+    steps = 3
+    while not batch.done:
+        batch.step()
+        steps += 1
+    assert len(calls) >= steps  # every step (and the joiners' prefill) ran compiled
+    for s in [*first, *late]:
+        assert s.token_ids == alone(loaded, s.prompt_ids, s.max_tokens)
+    # generate and a forward without targets go through the compiled forward too, and agree with eager
+    prompt = torch.tensor([ids(loaded, "def f(x):")])
+    assert torch.equal(compiled.generate(prompt, 8, temperature=0), loaded.model.generate(prompt, 8, temperature=0))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(prompt)[0], loaded.model(prompt)[0], rtol=1e-4, atol=1e-4)
+    assert not copy.deepcopy(compiled).compiled  # a copy holds no graphs bound to the original
+    calls.clear()
+    compiled.train()
+    with torch.no_grad():
+        compiled.forward_padded(prompt, torch.zeros(1, dtype=torch.long), compiled.new_kv_cache(1), 0)
+    assert not calls  # training mode runs eagerly

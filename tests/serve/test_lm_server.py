@@ -298,3 +298,32 @@ def test_a_client_that_drops_its_stream_frees_its_row(server, tmp_path) -> None:
         assert stats["cancelled"] == 1 and stats["steps"] < 999
     finally:
         serve.delete("lm-long")
+
+
+def test_a_compiled_replica_compiles_before_serving_and_answers_like_eager(server, artifact, loaded) -> None:
+    """ModelDeployment(compile=True): the replica compiles and warms up its graphs in its constructor, reports
+    itself compiled, and its greedy answers and scores are the eager model's."""
+    from ray import serve
+
+    from serve_deployments.app import ModelDeployment
+    from serve_deployments.lm_server import LMServer
+
+    spec = ModelDeployment(name="tiny-compiled", artifact=str(artifact), compile=True,
+                           ray_actor_options={"num_cpus": 0.25})
+    app = LMServer.options(name=spec.name, ray_actor_options=spec.ray_actor_options).bind(
+        spec.artifact, spec.name, spec.settings(), spec.compile)
+    handle = serve.run(app, name="lm-compiled", route_prefix=None)
+    try:
+        info = handle.info.remote().result(timeout_s=60)
+        assert info["compiled"] is True
+        tok = loaded.tokenizer
+        results = [r.result(timeout_s=60) for r in [handle.generate.remote({"prompt": p, "max_tokens": n,
+                                                                            "temperature": 0})
+                                                    for p, n in zip(PROMPTS, MAX_TOKENS)]]
+        for p, n, res in zip(PROMPTS, MAX_TOKENS, results):
+            assert res["token_ids"] == alone(loaded, [tok.eos_id, *tok.encode(p)], n)
+        eager = server.score.remote({"prompt": "def f(x):", "continuation": " return x"}).result()
+        compiled = handle.score.remote({"prompt": "def f(x):", "continuation": " return x"}).result()
+        assert compiled["mean_logprob"] == pytest.approx(eager["mean_logprob"], abs=1e-4)
+    finally:
+        serve.delete("lm-compiled")

@@ -37,3 +37,14 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
     with pytest.raises(UserError, match="other settings.*--out"):
         compress._trained(tmp_path, load_config("tiny", ["name=teacher", "steps=60"]), make)
     assert len(made) == 1
+
+
+def test_goals_compare_the_fastest_way_of_running_each_model_at_its_worse_batch():
+    speeds = {"fp32": {"1": 100.0, "16": 1000.0}, "fp32 (compiled)": {"1": 300.0, "16": 900.0},
+              "int8": {"1": 90.0, "16": 2000.0}, "int8 (compiled)": {"1": 450.0, "16": 1800.0}}
+    # fastest by the worse batch: the compiled fp32 (900 at b16) beats eager (100 at b1)
+    assert compress.fastest(speeds, ["fp32", "fp32 (compiled)", "not measured"])[0] == "fp32 (compiled)"
+    name, fast = compress.fastest(speeds, ["int8", "int8 (compiled)"])
+    assert name == "int8 (compiled)"
+    assert compress.speed_ratio(fast, speeds["fp32 (compiled)"]) == pytest.approx(1.5)  # b1: 450/300; b16: 2.0
+    assert compress.speed_ratio(speeds["int8"], speeds["fp32"]) == pytest.approx(0.9)
