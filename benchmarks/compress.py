@@ -81,7 +81,7 @@ def _speed_at_shape(preset: str, rounds: int, compiled: bool) -> dict[str, dict]
     """Decoding speed of the preset's teacher shape, its student shape and the int8 student, with random weights:
     speed depends on shapes, not on what the weights learned, so this measures the speed goals at a scale this
     machine cannot train in a benchmark run. compiled: also each through GPT.compile_decoding (int8 on torchao's
-    weights, which is what inductor lowers to VNNI int8 kernels)."""
+    weights, whose activation quantization inductor fuses around the int8 matmuls)."""
     import copy
 
     import torch

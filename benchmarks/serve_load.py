@@ -1,12 +1,14 @@
 """Serving load on loopback: latency and throughput at concurrency 1, 8 and 32, side by side in one run.
 
-    python benchmarks/serve_load.py [--quick] [--teacher ART] [--student ART] [--max-tokens 32]
+    python benchmarks/serve_load.py [--quick] [--teacher ART] [--student ART] [--compiled-student ART]
+                                    [--max-tokens 32]
 
 One Serve application holds the teacher three times (continuous batching up to 32 requests, static batching up
 to 32, and batching off: max_batch_size 1), the int8 student, and the router; Ray runs with direct ingress on, so
-the router answers HTTP both behind Serve's proxy (on one port) and by itself (on another). Every configuration gets the same prompts in
-the same order, from a closed loop of `concurrency` clients on 127.0.0.1; each request is greedy, at most
---max-tokens tokens, and distinct (the router's cache is off), so every one reaches a model. Compared:
+the router answers HTTP both behind Serve's proxy (on one port) and by itself (on another). Every configuration
+gets the same prompts in the same order, from a closed loop of `concurrency` clients on 127.0.0.1; each request
+is greedy, at most --max-tokens tokens, and distinct (the router's cache is off), so every one reaches a model.
+Compared:
 
   (a) the teacher through a DeploymentHandle vs over HTTP through the router, via Serve's proxy and direct;
       goal: router overhead <= 2 ms at p50. Besides the closed loops, one client sends --paired prompts each
@@ -15,7 +17,8 @@ the same order, from a closed loop of `concurrency` clients on 127.0.0.1; each r
       (HTTP, proxy and actor hops) — generation jitter cancels out of the pairs;
   (b) batching on vs off, both through handles; goal: >= 4x throughput at concurrency 32; and continuous vs
       static batching (a batch runs to its last request before the next starts), both through handles;
-  (c) the fp32 teacher vs the int8 student, both through handles.
+  (c) the fp32 teacher vs the int8 student, both through handles; with --compiled-student, also that artifact
+      served with compile: true (GPT.compile_decoding, compiled at replica start) against both.
 
 "mean batch" is the mean number of requests per decode step (forward) in the deployment that served the level,
 from its LMServer batch_stats (continuous batching: requests join and leave the running batch between steps).
@@ -156,6 +159,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", help="artifact folder or registry name (default: newest runs/*/artifact)")
     parser.add_argument("--student", help="int8 artifact or registry name (default: quantize the teacher here)")
+    parser.add_argument("--compiled-student",
+                        help="also serve this artifact or registry name with compile: true (GPT.compile_decoding; "
+                             "e.g. a `quantize --backend torchao` int8 model) and load it through its handle")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
     parser.add_argument("--paired", type=int, default=300, help="prompts in the paired overhead run (default 300)")
     parser.add_argument("--quick", action="store_true", help="a few requests per level (smoke run)")
@@ -182,6 +188,9 @@ def main() -> int:
     if student:
         models.append({"name": "student-int8", "artifact": student, "max_batch_size": 32,
                        "ray_actor_options": quarter})
+    if args.compiled_student:
+        models.append({"name": "student-compiled", "artifact": args.compiled_student, "max_batch_size": 32,
+                       "compile": True, "ray_actor_options": quarter})
     port, direct_port = free_port(), free_port()
     serve_args = {"models": models, "port": port, "router_ray_actor_options": quarter,
                   "router": {"cache": {"exact": {"enabled": False}}, "guard": {"rate_per_s": 0}}}
@@ -208,6 +217,8 @@ def main() -> int:
                ("teacher, batching off", via_handle("teacher-nobatch"), "teacher-nobatch")]
     if student:
         configs.append(("student int8, handle", via_handle("student-int8"), "student-int8"))
+    if args.compiled_student:
+        configs.append(("compiled student, handle", via_handle("student-compiled"), "student-compiled"))
 
     async def batches(name: str) -> tuple[int, int]:
         stats = (await handles[name].info.remote())["batch_stats"]
@@ -266,13 +277,17 @@ def main() -> int:
     t, r, off = results["teacher, handle"], results["teacher, router (proxy)"], results["teacher, batching off"]
     d, st = results["teacher, router (direct)"], results["teacher, static batching"]
     s = results.get("student int8, handle")
+    cs = results.get("compiled student, handle")
     ratios = {c: {"router_overhead_p50_ms": r[c]["p50_ms"] - t[c]["p50_ms"],
                   "router_direct_overhead_p50_ms": d[c]["p50_ms"] - t[c]["p50_ms"],
                   "batching_speedup": t[c]["req_per_s"] / off[c]["req_per_s"],
                   "continuous_vs_static_throughput": t[c]["req_per_s"] / st[c]["req_per_s"],
                   "continuous_vs_static_p50": t[c]["p50_ms"] / st[c]["p50_ms"],
                   **({"student_vs_teacher_throughput": s[c]["req_per_s"] / t[c]["req_per_s"],
-                      "student_vs_teacher_p50": s[c]["p50_ms"] / t[c]["p50_ms"]} if s else {})}
+                      "student_vs_teacher_p50": s[c]["p50_ms"] / t[c]["p50_ms"]} if s else {}),
+                  **({"compiled_student_vs_teacher_throughput": cs[c]["req_per_s"] / t[c]["req_per_s"],
+                      "compiled_student_vs_student_throughput": cs[c]["req_per_s"] / s[c]["req_per_s"]}
+                     if cs and s else {})}
               for c in LEVELS}
     ratio_rows = [(c, f"{x['router_overhead_p50_ms']:+.1f}", f"{x['router_direct_overhead_p50_ms']:+.1f}",
                    f"{x['batching_speedup']:.2f}x", f"{x['continuous_vs_static_throughput']:.2f}x",
@@ -282,6 +297,10 @@ def main() -> int:
     print_table("side by side (same run)", ["clients", "router overhead p50 ms: proxy", "direct",
                                             "batching on/off req/s", "continuous/static req/s", "p50",
                                             "int8/fp32 req/s", "int8/fp32 p50"], ratio_rows)
+    if cs and s:
+        print_table("compiled student (same run)", ["clients", "compiled/teacher req/s", "compiled/int8 student req/s"],
+                    [(c, f"{x['compiled_student_vs_teacher_throughput']:.2f}x",
+                      f"{x['compiled_student_vs_student_throughput']:.2f}x") for c, x in ratios.items()])
     print_table(f"router overhead, paired: {paired['n']} prompts each sent three ways by one client (ms)",
                 ["path", "p50 overhead", "IQR", "router's own code", "transport"],
                 [(path, f"{x['overhead_ms']:+.2f}", f"{x['iqr_ms'][0]:+.1f} .. {x['iqr_ms'][1]:+.1f}",
@@ -302,8 +321,10 @@ def main() -> int:
         "teacher": teacher, "student": student if student and not student.startswith(tmp.name) else
         ("int8 copy of the teacher" if student else None),
         "max_tokens": args.max_tokens, "quick": args.quick,
+        "compiled_student": args.compiled_student,
         "models": {k: {f: v.get(f) for f in ("parameters", "seq_len", "quantization", "max_batch_size",
-                                             "continuous_batching", "torch_threads")} for k, v in infos.items()},
+                                             "continuous_batching", "torch_threads", "compiled")}
+                   for k, v in infos.items()},
         "results": {label: {str(c): r for c, r in by_c.items()} for label, by_c in results.items()},
         "ratios": {str(c): x for c, x in ratios.items()}, "paired_overhead": paired}, indent=2))
     print(f"wrote {out.relative_to(REPO)}")

@@ -170,6 +170,9 @@ class LMServer:
         self._draining: set[asyncio.Task] = set()
         self._apply(_validate(LiveSettings, settings or {}, "settings"))
         if compile:
+            if (self.artifact.card.get("quantization_config") or {}).get("backend") == "torch.ao":
+                logger.warning("%s: compile with torch.ao int8 layers: the compiler cannot fuse them and decoding "
+                               "may be slower than eager; quantize with --backend torchao to compile int8", name)
             self.model.compile_decoding()
             seconds = self._worker.submit(self._warm_up).result()
             logger.info("%s: compiled the model's decoding in %.1f s", name, seconds)
