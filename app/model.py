@@ -233,15 +233,20 @@ class GPT(nn.Module):
         import torch._dynamo
         import torch._inductor.config
 
-        # Every model compiles the same methods (one code object for all GPTs): leave room for several models
-        # of a process (a benchmark, an LMServer with its judge) and their prefill/decode graphs.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        # Freezing is read when a graph compiles, which happens on a call (a new shape may recompile later), so
-        # every call runs with it set rather than setting it for the whole process (torch.compile's `options`
-        # does not reach it).
-        frozen = torch._inductor.config.patch(freezing=True)
-        self._compiled = {name: frozen(torch.compile(_Entry(self, name), dynamic=True))
-                          for name in ("forward", "padded")}
+        # Both settings are read when a graph compiles, which happens on a call (a new shape may recompile much
+        # later) and on the calling thread (an LMServer decodes on a worker thread; the compiler's settings are
+        # per thread), so every call runs with them set rather than setting them once (torch.compile's `options`
+        # reaches neither). Freezing: the weights become constants. The recompile limit: every GPT compiles the
+        # same code, and serving's shapes (one row or several, one-token or longer prompts, a contiguous or a
+        # strided cache) take ~10 graphs per model (decoding.warm_up); past the default 8 dynamo would silently
+        # run the rest eagerly.
+        settings = [torch._inductor.config.patch(freezing=True), torch._dynamo.config.patch(recompile_limit=64)]
+        self._compiled = {}
+        for name in ("forward", "padded"):
+            fn = torch.compile(_Entry(self, name), dynamic=True)
+            for setting in settings:
+                fn = setting(fn)
+            self._compiled[name] = fn
         return self
 
     @property

@@ -229,24 +229,35 @@ class _Throwaway(Sequence):
         return {"text": "", "token_id": token, "finish_reason": self.finish_reason}
 
 
-def warm_up(model: GPT, pad_id: int) -> float:
-    """Decode throwaway requests through `model` in the shapes serving meets — one row and several, prefilled
-    together and joining mid-decode — so that a compiled model (GPT.compile_decoding) has its graphs before the
-    first real request. Returns the seconds it took."""
+def warm_up(model: GPT, pad_id: int, steps: int = 48, seed: int = 0) -> float:
+    """Decode throwaway requests through `model` in the shapes and layouts serving meets, so that a compiled
+    model (GPT.compile_decoding) has its graphs before the first real request: one row and several, one-token and
+    longer prompts, rows that finish at their prefill, rows joining mid-decode, and rows leaving so that the live
+    slots start after the cache's first (a strided view, which the compiler guards apart from a contiguous one).
+    A seeded schedule over `steps` steps, at most 6 rows. Returns the seconds it took."""
+    import random
     import time
 
     start = time.perf_counter()
-    vocab = model.cfg.vocab_size
+    rng, vocab = random.Random(seed), model.cfg.vocab_size
 
-    def request(n: int) -> _Throwaway:
-        return _Throwaway([(7 * i + n) % vocab for i in range(2 + n)], 3, 0.0, None, None, (), None, None)
+    def request() -> _Throwaway:
+        prompt = [rng.randrange(vocab) for _ in range(rng.choice((1, 2, 5, 9)))]
+        return _Throwaway(prompt, rng.choice((1, 3, 8, 20)), 0.0, None, None, (), None, None)
 
-    for first, late in (([request(1)], [request(2)]), ([request(3), request(4)], [])):
-        batch = DecodeBatch(model, first, pad_id)
-        batch.step()
-        batch.add(late)
+    for length in (1, 5):  # a request alone from an empty batch (a fresh, contiguous cache), as a quiet server sees
+        batch = DecodeBatch(model, [_Throwaway([rng.randrange(vocab) for _ in range(length)], 4, 0.0, None, None, (),
+                                               None, None)], pad_id)
         while not batch.done:
             batch.step()
+    batch = DecodeBatch(model, [request()], pad_id)
+    for _ in range(steps):
+        if len(batch.rows) < 6 and rng.random() < 0.4:
+            batch.add([request() for _ in range(rng.choice((1, 2, 3)))])
+        if not batch.done:
+            batch.step()
+    while not batch.done:
+        batch.step()
     return time.perf_counter() - start
 
 

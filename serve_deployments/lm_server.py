@@ -178,10 +178,11 @@ class LMServer:
             logger.info("%s: compiled the model's decoding in %.1f s", name, seconds)
 
     def _warm_up(self) -> float:
-        """Compile every graph requests will use: decoding (one row and several) and scoring."""
+        """Compile every graph requests will use: decoding (decoding.warm_up) and scoring (one row and several;
+        the compiler specializes a graph to the first sizes it sees, and compiles a general one on the next)."""
         start = time.perf_counter()
         warm_up(self.model, self.tokenizer.pad_id)
-        for rows in (1, 2):
+        for rows in (1, 2, 3):
             score_batch(self.model, [([1, 2, 3], 1)] * rows, self.tokenizer.pad_id)
         return time.perf_counter() - start
 

@@ -270,10 +270,13 @@ def test_lmserver_frees_the_row_of_a_stream_its_client_closed(tmp_path, monkeypa
 
 def test_compiled_model_decodes_like_the_eager_one(loaded, tmp_path) -> None:
     """GPT.compile_decoding: after warm_up, rows that join mid-decode through the compiled forward_padded (every
-    step goes through it) give the tokens the eager model gives alone; training and copies stay eager."""
+    step goes through it) compile nothing new and give the tokens the eager model gives alone; training and
+    copies stay eager."""
     import copy
 
     import torch
+
+    from torch._dynamo.utils import counters
 
     from serve_deployments.decoding import warm_up
 
@@ -284,6 +287,7 @@ def test_compiled_model_decodes_like_the_eager_one(loaded, tmp_path) -> None:
     assert warm_up(compiled, loaded.tokenizer.pad_id) > 0
     assert calls, "warm_up decodes through the compiled graphs"
     calls.clear()
+    graphs = counters["stats"]["unique_graphs"]
     tok = loaded.tokenizer
     first = [greedy(loaded, ids(loaded, "def f(x):"), 20), greedy(loaded, ids(loaded, "x"), 6)]
     batch = DecodeBatch(compiled, first, tok.pad_id)
@@ -296,6 +300,7 @@ def test_compiled_model_decodes_like_the_eager_one(loaded, tmp_path) -> None:
         batch.step()
         steps += 1
     assert len(calls) >= steps  # every step (and the joiners' prefill) ran compiled
+    assert counters["stats"]["unique_graphs"] == graphs  # warm_up left nothing to compile: no stall under load
     for s in [*first, *late]:
         assert s.token_ids == alone(loaded, s.prompt_ids, s.max_tokens)
     # generate and a forward without targets go through the compiled forward too, and agree with eager
