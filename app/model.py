@@ -223,8 +223,10 @@ class GPT(nn.Module):
         Inductor fuses each forward into a few C++ kernels around the matmuls, which removes most of the
         per-operator overhead of a small model's decode step; with torchao's int8 weights it also fuses the
         activation quantization and scaling around the int8 matmuls — on x86 CPUs that is where torchao int8 gets
-        its speed (eagerly it is slower than fp32 here; README, "Compression"). Shapes are dynamic (batch, prompt and cache length), so a
-        model compiles a few graphs on its first calls — tens of seconds on a small CPU — and then reuses them.
+        its speed (eagerly it is slower than fp32 here; README, "Compression"). Shapes are dynamic (batch, prompt
+        and cache length), but the compiler specializes a graph to the sizes and layouts it first meets, so a model
+        compiles a few dozen graphs on its first calls — a minute or two on a small CPU; serving compiles them up
+        front (decoding.warm_up) — and then reuses them.
 
         Inference only: the compiled path runs in eval mode with gradients off, and the weights are frozen into
         the compiled code (inductor's `freezing`), so changing them afterwards is not seen; training and loss
@@ -238,8 +240,8 @@ class GPT(nn.Module):
         # per thread), so every call runs with them set rather than setting them once (torch.compile's `options`
         # reaches neither). Freezing: the weights become constants. The recompile limit: every GPT compiles the
         # same code, and serving's shapes (one row or several, one-token or longer prompts, a contiguous or a
-        # strided cache) take ~10 graphs per model (decoding.warm_up); past the default 8 dynamo would silently
-        # run the rest eagerly.
+        # strided cache) take a few dozen graphs per model (decoding.warm_up); past the default 8 dynamo would
+        # silently run the rest eagerly.
         settings = [torch._inductor.config.patch(freezing=True), torch._dynamo.config.patch(recompile_limit=64)]
         self._compiled = {}
         for name in ("forward", "padded"):

@@ -241,13 +241,12 @@ def warm_up(model: GPT, pad_id: int, steps: int = 48, seed: int = 0) -> float:
     start = time.perf_counter()
     rng, vocab = random.Random(seed), model.cfg.vocab_size
 
-    def request() -> _Throwaway:
-        prompt = [rng.randrange(vocab) for _ in range(rng.choice((1, 2, 5, 9)))]
-        return _Throwaway(prompt, rng.choice((1, 3, 8, 20)), 0.0, None, None, (), None, None)
+    def request(length: int | None = None, max_tokens: int | None = None) -> _Throwaway:
+        prompt = [rng.randrange(vocab) for _ in range(length or rng.choice((1, 2, 5, 9)))]
+        return _Throwaway(prompt, max_tokens or rng.choice((1, 3, 8, 20)), 0.0, None, None, (), None, None)
 
     for length in (1, 5):  # a request alone from an empty batch (a fresh, contiguous cache), as a quiet server sees
-        batch = DecodeBatch(model, [_Throwaway([rng.randrange(vocab) for _ in range(length)], 4, 0.0, None, None, (),
-                                               None, None)], pad_id)
+        batch = DecodeBatch(model, [request(length, 4)], pad_id)
         while not batch.done:
             batch.step()
     batch = DecodeBatch(model, [request()], pad_id)

@@ -275,7 +275,6 @@ def test_compiled_model_decodes_like_the_eager_one(loaded, tmp_path) -> None:
     import copy
 
     import torch
-
     from torch._dynamo.utils import counters
 
     from serve_deployments.decoding import warm_up
