@@ -90,7 +90,7 @@ FULL = DemoSizes(
 FAST = DemoSizes(
     preset="tiny", data_overrides=("data.max_documents=120",), teacher_steps=150,
     teacher_overrides=("eval_every=25", "checkpoint.every_steps=25", "log_every=10"),
-    reclaim_at_step=20, notice_s=3, rejoin_after_s=4.0, sweep_tokens=(4096, 12288),
+    reclaim_at_step=20, notice_s=5, rejoin_after_s=4.0, sweep_tokens=(4096, 12288),
     student=("model.n_layer=1", "model.d_model=32", "model.n_head=2"), distill_steps=16,
     distill_overrides=("eval_every=8", "checkpoint.every_steps=8"), bootstrap=50, max_tokens=8,
 )
