@@ -217,6 +217,9 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
                    help="L-BFGS starting grid: full = Besiroglu et al.'s 5,400 points, small = 72 (default full)")
     p.add_argument("--drop-highest-loss", type=int, default=0, metavar="K",
                    help="leave out the K highest-loss runs (Besiroglu et al. drop 5 of Chinchilla's)")
+    p.add_argument("--n-column", metavar="COLUMN",
+                   help="the parameter-count column N (default: the first of n_params, N, params, Model Size; "
+                        "a sweep's n_params_total counts the embeddings too)")
     p.add_argument("--out", help="folder for fit.json and PNGs (default: fit/ in a sweep folder, else "
                                  "runs/fits/NAME)")
     p.add_argument("--no-plots", action="store_true", help="write fit.json only")
@@ -240,7 +243,8 @@ def _fit(args: argparse.Namespace) -> int:
     out = args.out or default_out(args.results)
     report = sdk.fit_report(args.results, out=out, bootstrap=args.bootstrap, seed=args.seed,
                             predict=list(zip(args.predict_n, args.predict_d)), grid=args.grid,
-                            drop_highest_loss=args.drop_highest_loss, plots=not args.no_plots)
+                            drop_highest_loss=args.drop_highest_loss, plots=not args.no_plots,
+                            n_column=args.n_column)
     law = report.law
     level = f"{law.ci_level:.0%}"
     rows = [(k, v, _interval(lo, hi), "" if math.isnan(se) else se)

@@ -183,21 +183,24 @@ def sweep(config, out: str | Path | None = None, *, overrides: Sequence[str] = (
 
 def fit_report(results, *, out: str | Path | None = None, bootstrap: int = 1000, seed: int = 0,
                predict: Sequence[tuple[float, float]] = (), grid: str = "full", drop_highest_loss: int = 0,
-               plots: bool = True):
+               plots: bool = True, n_column: str | None = None):
     """Fit a results table (a sweep's results.parquet/.csv, a CSV of runs, or a DataFrame): approach 3 with a
     `bootstrap`-resample interval, plus Kaplan L(N), L(C) and approach 2 where the runs allow. With `out`, writes
-    fit.json and loss_vs_compute.png, isoflop.png, residuals.png there. Returns a `FitReport`."""
+    fit.json and loss_vs_compute.png, isoflop.png, residuals.png there. `n_column` picks the parameter count
+    (a sweep's "n_params_total" counts the embeddings too; default: its non-embedding "n_params"). Returns a
+    `FitReport`."""
     from pipelines import fit_scaling
 
     return fit_scaling.run(results, out=out, bootstrap=bootstrap, seed=seed, predict=predict, grid=grid,
-                           drop_highest_loss=drop_highest_loss, plots=plots)
+                           drop_highest_loss=drop_highest_loss, plots=plots, n_column=n_column)
 
 
 def fit(results, *, out: str | Path | None = None, bootstrap: int = 1000, seed: int = 0,
-        predict: Sequence[tuple[float, float]] = (), grid: str = "full", drop_highest_loss: int = 0):
+        predict: Sequence[tuple[float, float]] = (), grid: str = "full", drop_highest_loss: int = 0,
+        n_column: str | None = None):
     """`fit_report(...)`'s approach-3 law: a `ScalingFit` with `.predict(N, D)`, `.frontier(C)`, `.plot(dir)`."""
     return fit_report(results, out=out, bootstrap=bootstrap, seed=seed, predict=predict, grid=grid,
-                      drop_highest_loss=drop_highest_loss).law
+                      drop_highest_loss=drop_highest_loss, n_column=n_column).law
 
 
 def load_fit(path: str | Path):

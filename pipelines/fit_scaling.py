@@ -60,8 +60,10 @@ def _pick(frame, role: str) -> str | None:
     return next((c for c in COLUMNS[role] if c in frame.columns), None)
 
 
-def read_runs(results: Any, *, drop_highest_loss: int = 0) -> RunTable:
-    """Read a results table (path to CSV/Parquet, or a DataFrame) into N, D, loss arrays."""
+def read_runs(results: Any, *, drop_highest_loss: int = 0, n_column: str | None = None) -> RunTable:
+    """Read a results table (path to CSV/Parquet, or a DataFrame) into N, D, loss arrays. N comes from
+    `n_column` when given (a sweep's n_params_total: every parameter, embeddings included), else from the first
+    parameter column found (a sweep's n_params: non-embedding)."""
     import pandas as pd
 
     if isinstance(results, pd.DataFrame):
@@ -89,6 +91,11 @@ def read_runs(results: Any, *, drop_highest_loss: int = 0) -> RunTable:
                            f"({', '.join(sorted(frame.loc[bad, 'status'].astype(str).unique()))})")
         frame = frame[~bad]
     n_col, d_col, c_col, loss_col = (_pick(frame, r) for r in ("n", "d", "c", "loss"))
+    if n_column is not None:
+        if n_column not in frame.columns:
+            raise FitError(f"{source}: --n-column {n_column!r} is not a column; columns are "
+                           f"{', '.join(map(str, frame.columns))}")
+        n_col = n_column
     missing = [f"{what} ({' / '.join(COLUMNS[role])})" for what, role, col in
                (("parameters", "n", n_col), ("loss", "loss", loss_col)) if col is None]
     if d_col is None and c_col is None:
@@ -168,13 +175,14 @@ def run(
     drop_highest_loss: int = 0,
     rel_tol: float = 0.2,
     plots: bool = True,
+    n_column: str | None = None,
 ) -> FitReport:
     """Fit the runs in `results`; with `out`, write fit.json and the PNGs there (see module docstring)."""
     if grid not in GRIDS:
         raise FitError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     if bootstrap < 0:
         raise FitError(f"--bootstrap must be >= 0, got {bootstrap}")
-    runs = read_runs(results, drop_highest_loss=drop_highest_loss)
+    runs = read_runs(results, drop_highest_loss=drop_highest_loss, n_column=n_column)
     for n_val, d_val in predict:
         if not (n_val > 0 and d_val > 0):
             raise FitError(f"--predict-n/--predict-d must be > 0, got N={n_val:g}, D={d_val:g}")

@@ -108,6 +108,7 @@ def test_plan_cli_default_law_and_measured_throughput(tmp_path):
         ("no-params", [], "no column for parameters (n_params / N /"),  # this message used to be a KeyError
         (25, ["--predict-n", "1e9"], "got 1 --predict-n and 0 --predict-d; give them in pairs"),
         (25, ["--drop-highest-loss", "30"], "--drop-highest-loss 30: must be between 0 and 24"),
+        (25, ["--n-column", "n_params_total"], "--n-column 'n_params_total' is not a column; columns are trial,"),
     ],
 )
 def test_fit_cli_mistakes_are_one_line(tmp_path, rows, args, message):
@@ -127,6 +128,20 @@ def test_fit_cli_mistakes_are_one_line(tmp_path, rows, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_fit_counts_the_parameters_of_the_column_asked_for():
+    """A law in total parameters: fitted on them it recovers the law; on the non-embedding count it cannot."""
+    df = synthetic_results().iloc[:25].rename(columns={"n_params": "n_params_total"})
+    df["n_params"] = df["n_params_total"] - 5e6 * (df["n_params_total"] / 1e7) ** 0.5  # embeddings grow like √N
+    total = app.fit_report(df, bootstrap=0, grid="small", n_column="n_params_total", plots=False)
+    assert total.runs.columns["n"] == "n_params_total"
+    p = total.law.params
+    assert (p["E"], p["alpha"]) == pytest.approx((TRUE["E"], TRUE["alpha"]), abs=0.05)
+    default = app.fit_report(df, bootstrap=0, grid="small", plots=False)
+    assert default.runs.columns["n"] == "n_params"
+    assert abs(default.law.params["E"] - TRUE["E"]) > 0.05  # the wrong count bends the law
+    assert default.law.residuals().rmse > 1.5 * total.law.residuals().rmse
 
 
 def test_fit_refuses_a_file_that_is_not_a_results_table(tmp_path):
