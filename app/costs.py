@@ -37,6 +37,33 @@ DEFAULT_PRICES = Path(__file__).with_name("prices.yaml")
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Throughput from measured runs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def throughput_at(flops_per_token: float, measured: list[tuple[float, float]]) -> float:
+    """Tokens/s a model costing `flops_per_token` should train at, from runs of other sizes measured on the same
+    hardware: `measured` holds (flops_per_token, tokens/s) pairs, several per size allowed (their median counts).
+
+    Small models do not keep the hardware's FLOP/s (per-step overhead weighs more, matmuls are thinner), so the
+    achieved FLOP/s (tokens/s × flops_per_token) is interpolated linearly in log(flops_per_token) between the two
+    measured sizes around the target, and held at the nearest one beyond them."""
+    import numpy as np
+
+    if not measured:
+        raise ValueError("throughput_at needs at least one (flops_per_token, tokens/s) measurement")
+    if flops_per_token <= 0 or any(f <= 0 or t <= 0 for f, t in measured):
+        raise ValueError("flops_per_token and every measured (flops_per_token, tokens/s) must be > 0")
+    by_size: dict[float, list[float]] = {}
+    for f, t in measured:
+        by_size.setdefault(float(f), []).append(float(f) * float(t))
+    sizes = sorted(by_size)
+    flops_per_s = [float(np.median(by_size[f])) for f in sizes]
+    achieved = float(np.interp(math.log(flops_per_token), [math.log(f) for f in sizes], flops_per_s))
+    return achieved / flops_per_token
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Checkpoint interval and goodput
 # --------------------------------------------------------------------------------------------------------------
 

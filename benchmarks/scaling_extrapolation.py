@@ -5,10 +5,11 @@
 
 1. Run the sweep (tune_configs/scaling_small.yaml; resumed if its folder already has results).
 2. Fit approach 3 (app/scaling.py, with a bootstrap) on the trials with compute C = 6ND ≤ C_max (default: the
-   sweep's largest C, so every trial is used).
+   sweep's largest C, so every trial is used), N counted as --params says (non-embedding by default). Beside it, a
+   backtest for each count: fitted on every budget but the sweep's largest, how well it predicts that one.
 3. Plan C_target = factor × C_max with the planner (app/costs.py): N_opt and D_opt from the fit, wall time from the
-   sweep's measured tokens/s per worker (the trial closest in FLOPs per token, rescaled by its N / N_opt: constant
-   6N FLOPs per token per second) and the checkpoint time the sweep measured.
+   tokens/s the trained shape should reach (costs.throughput_at: the FLOP/s the sweep's trials achieved,
+   interpolated between the sizes around it) and the checkpoint time the sweep measured.
 4. Train the model shape nearest N_opt (the sweep's head size and width/depth ratio, D = C_target / 6N) with the
    sweep's own settings: preset, overrides, lr rule, warmup, resources.
 5. Report |predicted − achieved| / achieved validation loss (goal ≤ 2%; ~4% is the best published practice) and
@@ -36,9 +37,14 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def candidate_shapes(sweep, n_target: float, base) -> list:
-    """Shapes in the sweep's family (its head size, width/depth within 2× of its median ratio), nearest N first."""
-    from app.sweep_config import Shape, model_size
+# Which parameter count N the law is fitted on: the column of the sweep's results, and TrialSpec's attribute.
+PARAMS = {"non-embedding": "n_params", "total": "n_params_total"}
+
+
+def candidate_shapes(sweep, n_target: float, base, params: str = "non-embedding") -> list:
+    """Shapes in the sweep's family (its head size, width/depth within 2× of its median ratio), nearest N first
+    (N counted as `params`)."""
+    from app.sweep_config import Shape
 
     head = statistics.median(s.d_model // s.n_head for s in sweep.grid.shapes)
     ratio = statistics.median(s.d_model / s.n_layer for s in sweep.grid.shapes)
@@ -48,14 +54,40 @@ def candidate_shapes(sweep, n_target: float, base) -> list:
             if ratio / 2 <= d_model / n_layer <= ratio * 2:
                 shapes.append(Shape(n_layer=n_layer, d_model=d_model, n_head=d_model // int(head)))
 
-    def size(shape) -> int:
-        tree = base.model_dump()
-        tree["model"].update(n_layer=shape.n_layer, d_model=shape.d_model, n_head=shape.n_head)
-        return model_size(type(base).model_validate(tree))[0]
-
     # closed form first (cheap), exact count on the few nearest (the model builds on the meta device)
-    approx = sorted(shapes, key=lambda s: abs(math.log(s.n_layer * 12 * s.d_model**2 / n_target)))[:12]
-    return sorted(approx, key=lambda s: abs(math.log(size(s) / n_target)))
+    embedding = 0 if params == "non-embedding" else base.model.vocab_size + base.model.seq_len  # wte, wpe rows
+    approx = sorted(shapes, key=lambda s: abs(math.log((s.n_layer * 12 * s.d_model + embedding) * s.d_model
+                                                       / n_target)))[:12]
+    return sorted(approx, key=lambda s: abs(math.log(shape_size(base, s, params) / n_target)))
+
+
+def shape_size(base, shape, params: str) -> int:
+    """N of `base` with `shape`'s model, counted as `params` (built on the meta device)."""
+    from app.sweep_config import model_size
+
+    tree = base.model_dump()
+    tree["model"].update(n_layer=shape.n_layer, d_model=shape.d_model, n_head=shape.n_head)
+    return model_size(type(base).model_validate(tree))[0 if params == "non-embedding" else 1]
+
+
+def compute_of(frame, col: str):
+    """C = 6ND per trial, N counted by the results column `col`."""
+    return 6.0 * frame[col] * frame["tokens"]
+
+
+def backtest(ok, col: str, grid) -> dict:
+    """Fit approach 3 (N from column `col`) on every budget but the sweep's largest and predict that budget's
+    trials: mean and max absolute relative error. The target run plays no part in it."""
+    from app.scaling import fit_chinchilla, group_by_compute
+
+    groups = group_by_compute(ok["compute"].to_numpy())  # the grid's budgets, as the sweep planned them
+    top = groups == groups[int(ok["compute"].to_numpy().argmax())]
+    train, test = ok[~top], ok[top]
+    law = fit_chinchilla(train[col], train["tokens"], train["val_loss"], grid=grid, n_bootstrap=0, seed=0)
+    predicted = law.predict(test[col].to_numpy(dtype=float), test["tokens"].to_numpy(dtype=float))[0]
+    err = abs(predicted - test["val_loss"].to_numpy()) / test["val_loss"].to_numpy()
+    return {"fitted": int(len(train)), "predicted": int(len(test)), "mean_error": float(err.mean()),
+            "max_error": float(err.max()), "params": {k: float(v) for k, v in law.params.items()}}
 
 
 def main() -> int:
@@ -67,10 +99,12 @@ def main() -> int:
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--quick", action="store_true",
                         help="smoke sweep, factor 3, small fitting grid: checks the pipeline in ~7 minutes")
+    parser.add_argument("--params", choices=[*PARAMS, "auto"], default="non-embedding",
+                        help="the parameter count N the law is fitted on and C = 6ND counts: non-embedding "
+                             "(default; Kaplan's, the sweep grid's), total (Chinchilla's: embeddings and the tied "
+                             "output head counted once), or auto: whichever backtest predicts better")
     parser.add_argument("--num-cpus", type=int)
     args = parser.parse_args()
-
-    import numpy as np
 
     from app import costs
     from app.console import print_table
@@ -93,46 +127,60 @@ def main() -> int:
             print(f"error: only {len(ok)} trials finished; approach 3 needs 5", file=sys.stderr)
             return 1
 
-        # 2. fit on C <= C_max
-        c_max = args.c_max or float(ok["compute"].max())
-        fitted = ok[ok["compute"] <= c_max * (1 + 1e-9)]
-        held_out = ok[ok["compute"] > c_max * (1 + 1e-9)]
+        # 2. which N to count (a backtest inside the sweep), then fit on C <= C_max
+        grid = SMALL_GRID if args.quick else BESIROGLU_GRID
+        try:
+            backtests = {name: backtest(ok, col, grid) for name, col in PARAMS.items()}
+        except ValueError as err:  # too few trials below the largest budget (the smoke sweep)
+            print(f"no backtest: {err}", file=sys.stderr)
+            backtests = {}
+        params = args.params
+        if params == "auto":
+            params = min(backtests, key=lambda k: backtests[k]["mean_error"]) if backtests else "non-embedding"
+        col = PARAMS[params]
+        compute = compute_of(ok, col)
+        c_max = args.c_max or float(compute.max())
+        fitted = ok[compute <= c_max * (1 + 1e-9)]
+        held_out = ok[compute > c_max * (1 + 1e-9)]
         t0 = time.perf_counter()
-        law = fit_chinchilla(fitted["n_params"], fitted["tokens"], fitted["val_loss"],
-                             grid=SMALL_GRID if args.quick else BESIROGLU_GRID, n_bootstrap=args.bootstrap, seed=0)
+        law = fit_chinchilla(fitted[col], fitted["tokens"], fitted["val_loss"], grid=grid,
+                             n_bootstrap=args.bootstrap, seed=0)
         fit_s = time.perf_counter() - t0
         # A second, simpler predictor from the same trials: Kaplan's L(C) through the compute-efficient envelope.
-        kaplan = fit_kaplan_c(fitted["compute"], fitted["val_loss"], n_bootstrap=args.bootstrap, seed=0)
+        kaplan = fit_kaplan_c(compute_of(fitted, col), fitted["val_loss"], n_bootstrap=args.bootstrap, seed=0)
 
         # 3. plan C_target with the throughput the sweep measured
         c_target = args.factor * c_max
         n_opt, d_opt, _ = law.frontier(c_target)
         data_dir = Path(base_config(sweep).data.dir).resolve()  # as the sweep's trials saw it
         base = base_config(sweep, [f"data.dir={json.dumps(str(data_dir))}"])
-        shape = candidate_shapes(sweep, n_opt, base)[0]
-        trial = make_trial(sweep, base, shape, (sweep.grid.seeds or [base.seed])[0], flops=c_target,
+        shape = candidate_shapes(sweep, n_opt, base, params)[0]
+        seed = (sweep.grid.seeds or [base.seed])[0]
+        trial = make_trial(sweep, base, shape, seed, tokens=c_target / (6.0 * shape_size(base, shape, params)),
                            storage=str(result.sweep_dir / "extrapolation"),
                            name=f"target-{shape.label}-C{c_target:.1e}".replace("+", ""))
-        nearest = ok.iloc[int(np.argmin(np.abs(np.log(ok["flops_per_token"] / trial.flops_per_token))))]
+        n_trial = getattr(trial, col)
+        # the trained shape's tokens/s from the FLOP/s the sweep's trials achieved at the sizes around it
+        tps = costs.throughput_at(trial.flops_per_token,
+                                  list(zip(ok["flops_per_token"], ok["tokens_per_s_per_worker"])))
         save_s = statistics.median(_ledger(result.sweep_dir, name).get("checkpoint_s", 1.0) for name in ok["trial"])
         local = {"local": costs.InstanceType("local", on_demand_usd_per_hour=1.0, spot_discount=0.0, gpus=0,
                                               peak_tflops_per_worker=0.1)}
         plan = costs.plan_training(law, instance="local", compute_flops=c_target, workers=sweep.resources.workers,
-                                   tokens_per_second_per_worker=float(nearest["tokens_per_s_per_worker"]),
-                                   throughput_measured_at_params=float(nearest["n_params"]),
+                                   tokens_per_second_per_worker=tps, throughput_measured_at_params=float(n_trial),
                                    save_seconds=max(save_s, 0.1), prices=local)
         # At constant FLOP/s (the planner's model) hours depend on C only, so they hold for the shape trained too.
         planned_wall_s = plan.wall_hours * 3600.0
-        predicted, lo, hi = law.predict(trial.n_params, trial.tokens)
-        k_predicted, k_lo, k_hi = kaplan.predict(trial.compute)
+        predicted, lo, hi = law.predict(n_trial, trial.tokens)
+        k_predicted, k_lo, k_hi = kaplan.predict(6.0 * n_trial * trial.tokens)
 
         # 4. train it
         from app.data import read_manifest
 
         epochs = trial.tokens / read_manifest(Path(trial.cfg.data.dir)).tokens("train")
-        print(f"target: {shape.label}, N={trial.n_params:,}, D={trial.tokens:,} ({trial.steps:,} steps, "
-              f"{epochs:.1f} epochs of the data), C={trial.compute:.3g}; planner says {planned_wall_s:,.0f} s",
-              file=sys.stderr)
+        print(f"target: {shape.label}, N={n_trial:,} ({params}), D={trial.tokens:,} ({trial.steps:,} steps, "
+              f"{epochs:.1f} epochs of the data), C={6.0 * n_trial * trial.tokens:.3g}; planner says "
+              f"{planned_wall_s:,.0f} s", file=sys.stderr)
         summary = sweep_pipeline._train_or_reuse(trial.cfg)
 
     achieved = float(summary["final_val_loss"])
@@ -140,13 +188,18 @@ def main() -> int:
     k_err = abs(k_predicted - achieved) / achieved
     wall_err = (planned_wall_s - summary["wall_s"]) / summary["wall_s"]
     productive_s = summary["ledger"]["productive_s"]
-    held = [(r.trial, r.val_loss, law.predict(r.n_params, r.tokens)[0]) for r in held_out.itertuples()]
-    rows = [
-        ("sweep", f"{sweep.name}: {len(ok)} trials ok, fitted on {len(fitted)} with C ≤ {c_max:.3g}"),
+    held = [(r.trial, r.val_loss, law.predict(getattr(r, col), r.tokens)[0]) for r in held_out.itertuples()]
+    rows = [(f"backtest, N {name}", f"fit on {b['fitted']} trials below the largest budget, its {b['predicted']}: "
+                                    f"mean error {b['mean_error']:.2%} (max {b['max_error']:.2%})")
+            for name, b in backtests.items()]
+    rows += [
+        ("sweep", f"{sweep.name}: {len(ok)} trials ok, fitted on {len(fitted)} with C ≤ {c_max:.3g} "
+                  f"(C = 6ND, N {params})"),
         ("fit (approach 3)", ", ".join(f"{k}={v:.4g}" for k, v in law.params.items())),
         ("C_target = factor × C_max", f"{c_target:.3g} ({args.factor:g}×)"),
         ("planner N_opt, D_opt", f"{n_opt:,.0f}, {d_opt:,.0f}"),
-        ("trained shape, N, D", f"{shape.label}, {trial.n_params:,}, {trial.tokens:,}"),
+        ("trained shape, N, D", f"{shape.label}, {n_trial:,}, {trial.tokens:,} "
+                                f"(non-embedding N {trial.n_params:,}: C = {trial.compute:.3g})"),
         ("predicted val loss", f"{predicted:.4f} [{lo:.4f}, {hi:.4f}]"),
         ("achieved val loss", f"{achieved:.4f}"),
         ("abs relative error (goal ≤ 2%)", f"{loss_err:.2%}"),
@@ -170,6 +223,7 @@ def main() -> int:
         "date": datetime.date.today().isoformat(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "quick": args.quick, "sweep": str(args.sweep), "sweep_dir": str(result.sweep_dir),
+        "params": params, "params_column": col, "backtests": backtests,
         "trials_ok": len(ok), "trials_fitted": len(fitted), "c_max": c_max, "factor": args.factor,
         "c_target": c_target, "fit": law.to_json(), "fit_seconds": fit_s,
         "plan": plan.to_dict(), "planned_wall_s": planned_wall_s,

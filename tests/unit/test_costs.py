@@ -233,3 +233,19 @@ def test_trainer_picks_auto_interval_from_configured_or_observed_failure_rate():
     fixed = load_config("tiny", ["checkpoint.every_minutes=2"])
     assert _checkpoint_interval_s(fixed, 1.5, 0.1, 3600) == 120
     assert _checkpoint_interval_s(load_config("tiny"), 1.5, 0.1, 3600) is None
+
+
+def test_throughput_at_interpolates_the_achieved_flops_between_measured_sizes():
+    # two sizes measured twice each: 4e10 and 5e10 FLOP/s achieved (medians), at 1e6 and 4e6 FLOPs per token
+    measured = [(1e6, 3.8e4), (1e6, 4.2e4), (4e6, 1.2e4), (4e6, 1.3e4)]
+    assert costs.throughput_at(1e6, measured) == pytest.approx(4.0e4)
+    assert costs.throughput_at(4e6, measured) == pytest.approx(1.25e4)
+    # halfway in log size: 4.5e10 FLOP/s; constant FLOP/s from either end would say 4e4 / 2 or 1.25e4 × 2
+    assert costs.throughput_at(2e6, measured) == pytest.approx(4.5e10 / 2e6)
+    # beyond the measured sizes: the nearest one's FLOP/s
+    assert costs.throughput_at(1.6e7, measured) == pytest.approx(5e10 / 1.6e7)
+    assert costs.throughput_at(5e5, measured) == pytest.approx(4e10 / 5e5)
+    with pytest.raises(ValueError, match="at least one"):
+        costs.throughput_at(1e6, [])
+    with pytest.raises(ValueError, match="must be > 0"):
+        costs.throughput_at(1e6, [(1e6, 0.0)])
