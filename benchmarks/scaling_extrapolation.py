@@ -169,7 +169,8 @@ def main() -> int:
         plan = costs.plan_training(law, instance="local", compute_flops=c_target, workers=sweep.resources.workers,
                                    tokens_per_second_per_worker=tps, throughput_measured_at_params=float(n_trial),
                                    save_seconds=max(save_s, 0.1), prices=local)
-        # At constant FLOP/s (the planner's model) hours depend on C only, so they hold for the shape trained too.
+        # The planner rescales tps from n_trial to N_opt at constant FLOP/s, so its hours are the trained shape's own:
+        # D_opt / (tps × n_trial / N_opt) = C / (6 n_trial tps) = D_trial / tps.
         planned_wall_s = plan.wall_hours * 3600.0
         predicted, lo, hi = law.predict(n_trial, trial.tokens)
         k_predicted, k_lo, k_hi = kaplan.predict(6.0 * n_trial * trial.tokens)
@@ -198,8 +199,8 @@ def main() -> int:
         ("fit (approach 3)", ", ".join(f"{k}={v:.4g}" for k, v in law.params.items())),
         ("C_target = factor × C_max", f"{c_target:.3g} ({args.factor:g}×)"),
         ("planner N_opt, D_opt", f"{n_opt:,.0f}, {d_opt:,.0f}"),
-        ("trained shape, N, D", f"{shape.label}, {n_trial:,}, {trial.tokens:,} "
-                                f"(non-embedding N {trial.n_params:,}: C = {trial.compute:.3g})"),
+        ("trained shape, N, D", f"{shape.label}, {n_trial:,}, {trial.tokens:,}" + (
+            f" (non-embedding N {trial.n_params:,}: C = {trial.compute:.3g})" if params != "non-embedding" else "")),
         ("predicted val loss", f"{predicted:.4f} [{lo:.4f}, {hi:.4f}]"),
         ("achieved val loss", f"{achieved:.4f}"),
         ("abs relative error (goal ≤ 2%)", f"{loss_err:.2%}"),
