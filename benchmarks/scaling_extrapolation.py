@@ -70,18 +70,14 @@ def shape_size(base, shape, params: str) -> int:
     return model_size(type(base).model_validate(tree))[0 if params == "non-embedding" else 1]
 
 
-def compute_of(frame, col: str):
-    """C = 6ND per trial, N counted by the results column `col`."""
-    return 6.0 * frame[col] * frame["tokens"]
-
-
 def backtest(ok, col: str, grid) -> dict:
     """Fit approach 3 (N from column `col`) on every budget but the sweep's largest and predict that budget's
     trials: mean and max absolute relative error. The target run plays no part in it."""
     from app.scaling import fit_chinchilla, group_by_compute
 
-    groups = group_by_compute(ok["compute"].to_numpy())  # the grid's budgets, as the sweep planned them
-    top = groups == groups[int(ok["compute"].to_numpy().argmax())]
+    compute = ok["compute"].to_numpy()
+    groups = group_by_compute(compute)  # the grid's budgets, as the sweep planned them
+    top = groups == groups[int(compute.argmax())]
     train, test = ok[~top], ok[top]
     law = fit_chinchilla(train[col], train["tokens"], train["val_loss"], grid=grid, n_bootstrap=0, seed=0)
     predicted = law.predict(test[col].to_numpy(dtype=float), test["tokens"].to_numpy(dtype=float))[0]
@@ -138,16 +134,16 @@ def main() -> int:
         if params == "auto":
             params = min(backtests, key=lambda k: backtests[k]["mean_error"]) if backtests else "non-embedding"
         col = PARAMS[params]
-        compute = compute_of(ok, col)
+        compute = 6.0 * ok[col] * ok["tokens"]  # C = 6ND, N counted as the fit counts it
         c_max = args.c_max or float(compute.max())
-        fitted = ok[compute <= c_max * (1 + 1e-9)]
-        held_out = ok[compute > c_max * (1 + 1e-9)]
+        in_fit = compute <= c_max * (1 + 1e-9)
+        fitted, held_out = ok[in_fit], ok[~in_fit]
         t0 = time.perf_counter()
         law = fit_chinchilla(fitted[col], fitted["tokens"], fitted["val_loss"], grid=grid,
                              n_bootstrap=args.bootstrap, seed=0)
         fit_s = time.perf_counter() - t0
         # A second, simpler predictor from the same trials: Kaplan's L(C) through the compute-efficient envelope.
-        kaplan = fit_kaplan_c(compute_of(fitted, col), fitted["val_loss"], n_bootstrap=args.bootstrap, seed=0)
+        kaplan = fit_kaplan_c(compute[in_fit], fitted["val_loss"], n_bootstrap=args.bootstrap, seed=0)
 
         # 3. plan C_target with the throughput the sweep measured
         c_target = args.factor * c_max
