@@ -296,6 +296,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spot", action="store_true", help="buy spot capacity (the budget and summary refer to spot)")
     p.add_argument("--fit", help="fit.json from `python -m app fit` (default: Besiroglu et al.'s Chinchilla refit)")
     p.add_argument("--summary", help="a training run's summary.json: use its measured tokens/s per worker")
+    p.add_argument("--throughput-from", metavar="RESULTS",
+                   help="a sweep's results.parquet: interpolate its trials' measured FLOP/s to N_opt")
     p.add_argument("--workers", type=int, default=1, help="training workers (GPUs) of the run (default 1)")
     p.add_argument("--preemptions-per-hour", type=float, default=0.0,
                    help="spot interruptions per instance-hour (default 0)")
@@ -306,12 +308,17 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
+def _amount(value: float, decimals: int) -> str:
+    """Hours or USD with thousands separators; small amounts keep two significant decimals (0.62 h, $0.25)."""
+    return f"{value:,.{decimals}f}" if value >= 10 ** (2 - decimals) else f"{value:,.2f}"
+
+
 def _plan(args: argparse.Namespace) -> int:
     from app import sdk
     from app.console import print_table
 
     plan = sdk.plan(flops=args.flops, usd=args.usd, instance=args.instance, spot=args.spot, fit=args.fit,
-                    summary=args.summary, workers=args.workers, preemptions_per_hour=args.preemptions_per_hour,
+                    summary=args.summary, throughput_from=args.throughput_from, workers=args.workers, preemptions_per_hour=args.preemptions_per_hour,
                     mfu=args.mfu, save_seconds=args.save_seconds, restart_seconds=args.restart_seconds,
                     prices=args.prices)
     args.result = plan.to_dict()
@@ -329,7 +336,7 @@ def _plan(args: argparse.Namespace) -> int:
     print_table("compute-optimal run", ["field", "value"], rows)
     cost_rows = [(est.purchase.replace("_", "-") + (" *" if est.purchase == plan.purchase else ""),
                   est.usd_per_instance_hour, est.failures_per_hour, f"{est.checkpoint_interval_s / 60:,.1f} min",
-                  est.goodput, f"{est.wall_hours:,.1f}", f"{est.cost_usd:,.0f}")
+                  est.goodput, _amount(est.wall_hours, 1), _amount(est.cost_usd, 0))
                  for est in (plan.on_demand, plan.spot)]
     print_table(f"{plan.instance} × {plan.instances} ({workers}); * = the option asked for",
                 ["purchase", "$/inst-h", "fail/h", "ckpt every", "goodput", "hours", "USD"], cost_rows)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 from scipy.optimize import brentq
@@ -252,6 +252,7 @@ def plan_training(
     workers: int = 1,
     tokens_per_second_per_worker: float | None = None,
     throughput_measured_at_params: float | None = None,
+    throughput_by_params: Sequence[tuple[float, float]] | None = None,
     mfu: float = 0.4,
     preemptions_per_hour: float = 0.0,
     on_demand_failures_per_hour: float = 0.0,
@@ -269,7 +270,10 @@ def plan_training(
 
     Throughput: ``tokens_per_second_per_worker`` as measured by a training run or probe. Measured on a different
     model size? Pass that size as ``throughput_measured_at_params`` and it is rescaled by N_measured / N_opt
-    (constant FLOP/s). Without a measurement it is estimated as peak × ``mfu`` / (6 N_opt).
+    (constant FLOP/s). Or ``throughput_by_params``: (N, tokens/s per worker) of several runs on this machine type,
+    e.g. a sweep's trials — the FLOP/s they achieved (6N × tokens/s) is interpolated to N_opt with `throughput_at`,
+    as small models keep less of the hardware's FLOP/s. Without a measurement it is estimated as peak × ``mfu`` /
+    (6 N_opt).
 
     Failures: ``preemptions_per_hour`` is the spot interruption rate of one instance, ``on_demand_failures_per_hour``
     the fault rate of one on-demand instance; the job's rate is that × instances. The checkpoint interval is
@@ -291,6 +295,13 @@ def plan_training(
         raise ValueError("preemptions_per_hour, on_demand_failures_per_hour and restart_seconds must be >= 0")
     if tokens_per_second_per_worker is not None and not tokens_per_second_per_worker > 0:
         raise ValueError(f"tokens_per_second_per_worker must be > 0, got {tokens_per_second_per_worker}")
+    if tokens_per_second_per_worker is not None and throughput_by_params is not None:
+        raise ValueError("give tokens_per_second_per_worker (one run) or throughput_by_params (several), not both")
+    by_flops = None
+    if throughput_by_params is not None:
+        by_flops = [(FLOPS_PER_PARAM_TOKEN * n, t) for n, t in throughput_by_params]
+        throughput_at(1.0, by_flops)  # validates: at least one pair, all > 0
+        measured_n = sorted(n for n, _ in throughput_by_params)
     n_instances = math.ceil(workers / inst.workers_per_instance)
     fit_warnings = fit.warnings  # the same for every compute the USD inversion below tries
 
@@ -319,7 +330,15 @@ def plan_training(
         if factor > LONG_EXTRAPOLATION:
             notes.append(f"C = {compute:.3g} FLOPs is {factor:,.0f}x the largest fitted run's compute: a long "
                          "extrapolation; treat N_opt, D_opt and the predicted loss as rough")
-        if tokens_per_second_per_worker is None:
+        if by_flops is not None:
+            tps = throughput_at(FLOPS_PER_PARAM_TOKEN * n_opt, by_flops)
+            source = (f"interpolated at N_opt from the FLOP/s of {len(by_flops)} measured runs "
+                      f"(N {measured_n[0]:.3g} to {measured_n[-1]:.3g})")
+            if not measured_n[0] <= n_opt <= measured_n[-1]:
+                nearest = measured_n[0] if n_opt < measured_n[0] else measured_n[-1]
+                notes.append(f"N_opt = {n_opt:.3g} is outside the measured runs' sizes ({measured_n[0]:.3g} to "
+                             f"{measured_n[-1]:.3g}): the FLOP/s of N = {nearest:.3g} is held, so wall hours are rough")
+        elif tokens_per_second_per_worker is None:
             tps = inst.peak_tflops_per_worker * 1e12 * mfu / (FLOPS_PER_PARAM_TOKEN * n_opt)
             source = f"estimated: {inst.peak_tflops_per_worker:g} TFLOP/s peak × MFU {mfu:g} / (6 N)"
         elif throughput_measured_at_params is not None:

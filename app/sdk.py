@@ -247,16 +247,57 @@ def measured_throughput(summary: str | Path) -> tuple[float, float]:
     return tokens_per_s / world, flops_per_token / 6.0
 
 
+def sweep_throughputs(results, n_column: str | None = None) -> list[tuple[float, float]]:
+    """(N, tokens/s per worker) of every finished trial in a sweep's results table (results.parquet / .csv or the
+    sweep folder), N from `n_column` (default: the first parameter column, a sweep's non-embedding n_params)."""
+    import math
+
+    from app.errors import DataError
+    from pipelines.fit_scaling import COLUMNS, read_table
+
+    frame, source = read_table(results)
+    if "status" in frame.columns:
+        frame = frame[frame["status"] == "ok"]
+    n_col = n_column or next((c for c in COLUMNS["n"] if c in frame.columns), None)
+    if n_col not in frame.columns:
+        raise DataError(f"{source}: no parameter column {n_col or ' / '.join(COLUMNS['n'])!r} to place the "
+                        "throughputs at; pass a sweep's results.parquet")
+    if "tokens_per_s_per_worker" not in frame.columns:
+        raise DataError(f"{source} has no tokens_per_s_per_worker column; --throughput-from reads the "
+                        "results.parquet of `python -m app sweep`")
+    pairs = [(float(n), float(t)) for n, t in zip(frame[n_col], frame["tokens_per_s_per_worker"])
+             if math.isfinite(n) and math.isfinite(t) and n > 0 and t > 0]
+    if not pairs:
+        raise DataError(f"{source}: no finished trial reports tokens/s; wait for the sweep or resume it")
+    return pairs
+
+
+def _fit_n_column(fit) -> str | None:
+    """The parameter column a fit.json was fitted on (`fit --n-column`), so throughputs are placed at the same N."""
+    import json
+
+    if not isinstance(fit, (str, Path)):
+        return None
+    path = Path(fit) / "fit.json" if Path(fit).is_dir() else Path(fit)
+    try:
+        return (json.loads(path.read_text()).get("columns") or {}).get("n")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def plan(*, flops: float | None = None, usd: float | None = None, instance: str | None = None, spot: bool = False,
-         fit=None, summary: str | Path | None = None, workers: int = 1, preemptions_per_hour: float = 0.0,
+         fit=None, summary: str | Path | None = None, throughput_from: str | Path | None = None,
+         n_column: str | None = None, workers: int = 1, preemptions_per_hour: float = 0.0,
          mfu: float = 0.4, save_seconds: float = 60.0, restart_seconds: float = 300.0,
          prices: str | Path | None = None):
     """A compute-optimal run for `flops` (FLOPs) or `usd` (USD on `instance`): N_opt, D_opt, predicted loss,
     wall hours and cost on-demand vs spot with expected goodput and the Young–Daly checkpoint interval.
 
     `fit`: a ScalingFit or a fit.json path (default: Besiroglu et al.'s refit of Chinchilla). `summary`: a
-    training run's summary.json for measured tokens/s (then `instance` must name the machine it ran on); without
-    it tokens/s is estimated from the instance's peak FLOP/s × `mfu`. With `flops` and no `instance`, the
+    training run's summary.json for measured tokens/s (then `instance` must name the machine it ran on);
+    `throughput_from`: a sweep's results table instead, whose trials' FLOP/s is interpolated to N_opt (their N read
+    from `n_column`, by default the column the fit.json was fitted on); without either, tokens/s is estimated from
+    the instance's peak FLOP/s × `mfu`. With `flops` and no `instance`, the
     instance type that makes the run cheapest is chosen. Returns a `TrainingPlan`."""
     from app import costs
     from app.errors import FitError, PlanError
@@ -266,19 +307,25 @@ def plan(*, flops: float | None = None, usd: float | None = None, instance: str 
         raise PlanError("give exactly one budget: --flops C (FLOPs) or --usd X (with --instance)")
     if usd is not None and instance is None:
         raise PlanError("--usd needs --instance TYPE: the budget buys hours of one machine type")
-    if summary is not None and instance is None:
-        raise PlanError("--summary gives the throughput of one machine type; name it with --instance TYPE")
+    if summary is not None and throughput_from is not None:
+        raise PlanError("give --summary (one run's tokens/s) or --throughput-from (a sweep's), not both")
+    for flag, value in (("--summary", summary), ("--throughput-from", throughput_from)):
+        if value is not None and instance is None:
+            raise PlanError(f"{flag} gives the throughput of one machine type; name it with --instance TYPE")
     law = fit if isinstance(fit, ScalingFit) else load_fit(fit) if fit is not None else published_fit()
     try:
         table = costs.load_prices(prices)
     except ValueError as err:
         raise PlanError(str(err)) from None
     tps, at_params = measured_throughput(summary) if summary is not None else (None, None)
+    by_params = (sweep_throughputs(throughput_from, n_column or _fit_n_column(fit))
+                 if throughput_from is not None else None)
 
     def one(name: str):
         return costs.plan_training(
             law, instance=name, compute_flops=flops, budget_usd=usd, spot=spot, workers=workers,
-            tokens_per_second_per_worker=tps, throughput_measured_at_params=at_params, mfu=mfu,
+            tokens_per_second_per_worker=tps, throughput_measured_at_params=at_params,
+            throughput_by_params=by_params, mfu=mfu,
             preemptions_per_hour=preemptions_per_hour, save_seconds=save_seconds, restart_seconds=restart_seconds,
             prices=table)
 

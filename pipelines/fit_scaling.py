@@ -60,29 +60,33 @@ def _pick(frame, role: str) -> str | None:
     return next((c for c in COLUMNS[role] if c in frame.columns), None)
 
 
+def read_table(results: Any):
+    """(DataFrame, source name) from a results table: a path to CSV/Parquet, a sweep folder, or a DataFrame."""
+    import pandas as pd
+
+    if isinstance(results, pd.DataFrame):
+        return results.copy(), "DataFrame"
+    path = Path(results)
+    if path.is_dir() and (path / "results.parquet").is_file():
+        path = path / "results.parquet"
+    if not path.is_file():
+        raise DataError(f"results file {path} does not exist; pass a sweep's results.parquet/.csv or a CSV of runs")
+    if path.suffix.lower() not in (".parquet", ".csv"):
+        raise DataError(f"{path}: a results table is a .parquet or .csv file (a sweep's results.parquet, or a CSV "
+                        "of runs with parameter, token and loss columns)")
+    try:
+        frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
+    except Exception as err:  # pyarrow/pandas parse errors: name the file, keep one line
+        raise DataError(f"cannot read {path} as {'Parquet' if path.suffix.lower() == '.parquet' else 'CSV'}: "
+                        f"{str(err).splitlines()[0]}") from None
+    return frame, str(path)
+
+
 def read_runs(results: Any, *, drop_highest_loss: int = 0, n_column: str | None = None) -> RunTable:
     """Read a results table (path to CSV/Parquet, or a DataFrame) into N, D, loss arrays. N comes from
     `n_column` when given (a sweep's n_params_total: every parameter, embeddings included), else from the first
     parameter column found (a sweep's n_params: non-embedding)."""
-    import pandas as pd
-
-    if isinstance(results, pd.DataFrame):
-        frame, source = results.copy(), "DataFrame"
-    else:
-        path = Path(results)
-        if path.is_dir() and (path / "results.parquet").is_file():
-            path = path / "results.parquet"
-        if not path.is_file():
-            raise DataError(f"results file {path} does not exist; pass a sweep's results.parquet/.csv or a CSV of runs")
-        if path.suffix.lower() not in (".parquet", ".csv"):
-            raise DataError(f"{path}: a results table is a .parquet or .csv file (a sweep's results.parquet, or a CSV "
-                            "of runs with parameter, token and loss columns)")
-        try:
-            frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
-        except Exception as err:  # pyarrow/pandas parse errors: name the file, keep one line
-            raise DataError(f"cannot read {path} as {'Parquet' if path.suffix.lower() == '.parquet' else 'CSV'}: "
-                            f"{str(err).splitlines()[0]}") from None
-        source = str(path)
+    frame, source = read_table(results)
     dropped = []
     if "status" in frame.columns:
         bad = frame["status"] != "ok"

@@ -249,3 +249,23 @@ def test_throughput_at_interpolates_the_achieved_flops_between_measured_sizes():
         costs.throughput_at(1e6, [])
     with pytest.raises(ValueError, match="must be > 0"):
         costs.throughput_at(1e6, [(1e6, 0.0)])
+
+
+def test_plan_interpolates_the_flops_of_several_measured_runs():
+    fit = make_fit()
+    base = {k: v for k, v in PLAN.items() if k != "tokens_per_second_per_worker"}
+    n_opt = fit.frontier(1e21)[0]
+    # FLOP/s in 6N terms: 1e12 at N_opt / 10, 2e12 at N_opt × 10 → 1.5e12 at N_opt (halfway in log N)
+    runs = [(n_opt / 10, 1e12 / (6 * n_opt / 10)), (n_opt * 10, 2e12 / (6 * n_opt * 10))]
+    plan = costs.plan_training(fit, compute_flops=1e21, throughput_by_params=runs, **base)
+    assert plan.tokens_per_second_per_worker == pytest.approx(1.5e12 / (6 * n_opt))
+    assert "interpolated at N_opt from the FLOP/s of 2 measured runs" in plan.throughput_source
+    assert not any("outside the measured" in w for w in plan.warnings)
+    small = [(n_opt / 100, 1e12 / (6 * n_opt / 100)), (n_opt / 10, 1e12 / (6 * n_opt / 10))]
+    beyond = costs.plan_training(fit, compute_flops=1e21, throughput_by_params=small, **base)
+    assert beyond.tokens_per_second_per_worker == pytest.approx(1e12 / (6 * n_opt))  # the largest's FLOP/s held
+    assert any("outside the measured runs' sizes" in w for w in beyond.warnings)
+    with pytest.raises(ValueError, match="not both"):
+        costs.plan_training(fit, compute_flops=1e21, throughput_by_params=runs, **PLAN)
+    with pytest.raises(ValueError, match="must be > 0"):
+        costs.plan_training(fit, compute_flops=1e21, throughput_by_params=[(1e6, 0.0)], **base)

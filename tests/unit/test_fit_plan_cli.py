@@ -99,6 +99,44 @@ def test_plan_cli_default_law_and_measured_throughput(tmp_path):
     assert "the cheapest in the price file" in cheapest.stdout and "Besiroglu" in cheapest.stdout
 
 
+def test_plan_cli_wall_time_from_a_sweeps_measured_throughput(fitted, tmp_path):
+    """--throughput-from: each trial's FLOP/s (6N × tokens/s) interpolated in log N to N_opt, with N read from the
+    column the fit.json was fitted on."""
+    _, out = fitted
+    df = synthetic_results()
+    df["tokens_per_s_per_worker"] = 2e12 * (df["n_params"] / 1e7) ** 0.1 / (6 * df["n_params"])  # FLOP/s grows
+    df.loc[df["status"] != "ok", "tokens_per_s_per_worker"] = 1.0  # a failed trial's figure must be left out
+    results = tmp_path / "results.csv"
+    df.to_csv(results, index=False)
+    result = run_cli("plan", "--flops", "1e21", "--fit", str(out / "fit.json"), "--instance", "g6e.xlarge",
+                     "--throughput-from", str(results), "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    n_opt = plan["n_params"]
+    assert 1e7 < n_opt < 1e10  # inside the measured sizes: interpolated, not held
+    flops_per_s = 2e12 * (n_opt / 1e7) ** 0.1  # log-linear interpolation of a power law in N is exact
+    assert plan["tokens_per_second_per_worker"] == pytest.approx(flops_per_s / (6 * n_opt), rel=0.03)
+    assert plan["throughput_source"].startswith("interpolated at N_opt from the FLOP/s of 25 measured runs")
+
+    # a law fitted on n_params_total places the trials at that column
+    df["n_params_total"] = df["n_params"] * 2
+    df.to_csv(results, index=False)
+    total_fit = json.loads((out / "fit.json").read_text())
+    total_fit["columns"]["n"] = "n_params_total"
+    (tmp_path / "fit.json").write_text(json.dumps(total_fit))
+    total = run_cli("plan", "--flops", "1e21", "--fit", str(tmp_path / "fit.json"), "--instance", "g6e.xlarge",
+                    "--throughput-from", str(results), "--json")
+    assert total.returncode == 0, total.stderr
+    half = n_opt / 2  # the trial of total N = N_opt is the one of non-embedding N = N_opt / 2: its tokens/s
+    assert json.loads(total.stdout)["tokens_per_second_per_worker"] == pytest.approx(
+        2e12 * (half / 1e7) ** 0.1 / (6 * half), rel=0.03)
+
+    df.drop(columns=["tokens_per_s_per_worker"]).to_csv(results, index=False)
+    missing = run_cli("plan", "--flops", "1e21", "--instance", "g6e.xlarge", "--throughput-from", str(results))
+    assert missing.returncode == 1 and "has no tokens_per_s_per_worker column" in missing.stderr
+    assert missing.stderr.count("\n") == 1, missing.stderr
+
+
 @pytest.mark.parametrize(
     "rows,args,message",
     [
@@ -158,6 +196,12 @@ def test_fit_refuses_a_file_that_is_not_a_results_table(tmp_path):
         (["--flops", "1e21", "--instance", "p9.huge"], "unknown instance type 'p9.huge'"),
         (["--flops", "1e21", "--fit", "/no/such/fit.json"], "fit file /no/such/fit.json does not exist"),
         (["--flops", "1e21", "--summary", "/no/summary.json"], "--summary gives the throughput of one machine type"),
+        (["--flops", "1e21", "--throughput-from", "/no/results.parquet"],
+         "--throughput-from gives the throughput of one machine type"),
+        (["--flops", "1e21", "--instance", "g6e.xlarge", "--throughput-from", "/no/results.parquet"],
+         "results file /no/results.parquet does not exist"),
+        (["--flops", "1e21", "--instance", "g6e.xlarge", "--summary", "s.json", "--throughput-from", "r.parquet"],
+         "give --summary (one run's tokens/s) or --throughput-from (a sweep's), not both"),
         (["--flops", "0"], "compute_flops must be > 0"),
     ],
 )
