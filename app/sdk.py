@@ -261,7 +261,7 @@ def sweep_throughputs(results, n_column: str | None = None) -> list[tuple[float,
     n_col = n_column or next((c for c in COLUMNS["n"] if c in frame.columns), None)
     if n_col not in frame.columns:
         raise DataError(f"{source}: no parameter column {n_col or ' / '.join(COLUMNS['n'])!r} to place the "
-                        "throughputs at; pass a sweep's results.parquet")
+                        f"throughputs at; columns are {', '.join(map(str, frame.columns))}")
     if "tokens_per_s_per_worker" not in frame.columns:
         raise DataError(f"{source} has no tokens_per_s_per_worker column; --throughput-from reads the "
                         "results.parquet of `python -m app sweep`")

@@ -10,7 +10,7 @@ import pytest
 
 import app
 from app.costs import TrainingPlan
-from app.errors import FitError, PlanError
+from app.errors import DataError, FitError, PlanError
 from app.scaling import ScalingFit
 from tests.conftest import run_cli
 
@@ -130,6 +130,9 @@ def test_plan_cli_wall_time_from_a_sweeps_measured_throughput(fitted, tmp_path):
     half = n_opt / 2  # the trial of total N = N_opt is the one of non-embedding N = N_opt / 2: its tokens/s
     assert json.loads(total.stdout)["tokens_per_second_per_worker"] == pytest.approx(
         2e12 * (half / 1e7) ** 0.1 / (6 * half), rel=0.03)
+
+    with pytest.raises(DataError, match="no parameter column 'nope' to place the throughputs at; columns are trial"):
+        app.plan(flops=1e21, instance="g6e.xlarge", throughput_from=results, n_column="nope")
 
     df.drop(columns=["tokens_per_s_per_worker"]).to_csv(results, index=False)
     missing = run_cli("plan", "--flops", "1e21", "--instance", "g6e.xlarge", "--throughput-from", str(results))
