@@ -4,6 +4,8 @@ App "main" (route prefix /): loopback bind, domain → cascade policy, exact cac
 needed only for the admin endpoints. App "guarded" (/guarded): the same teacher deployment behind a router
 configured as bound to 0.0.0.0 (so every caller needs a key — the honest way to be "off loopback" on a machine
 whose tests may only use 127.0.0.1), a small rate limit, and the semantic cache with wrong-hit verification.
+"main" calls its models over Serve's gRPC (model_transport: grpc, the default), "guarded" with Ray actor calls
+(model_transport: ray), so every test through either router covers one transport.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def server(ray_local, tmp_path_factory):
     guarded = Router.options(**small).bind({"teacher": serve.get_deployment_handle("teacher", "main")}, {
         "guard": {"api_keys": [KEY, FLOOD_KEY, CACHE_KEY], "bind_host": "0.0.0.0", "rate_per_s": 0.5, "burst": 5},
         "cache": {"exact": {"enabled": False},
-                  "semantic": {"enabled": True, "threshold": 0.999, "verify_fraction": 1.0}}})
+                  "semantic": {"enabled": True, "threshold": 0.999, "verify_fraction": 1.0}},
+        "model_transport": "ray"})
     serve.run(guarded, name="guarded", route_prefix="/guarded")
     url = f"http://127.0.0.1:{port}"
     yield url
@@ -294,6 +297,9 @@ def test_calibration_and_stats(server):
     assert stats["cache_exact"]["hits"] >= 1 and stats["drift"]["window"] >= 6
     assert set(stats["drift"]["domain_mix"]) <= {"code", "docs"}
     assert "teacher" in stats["latency"] and stats["latency"]["teacher"]["p50_ms"] > 0
+    assert stats["model_transport"] == {"teacher": "grpc", "student": "grpc"}
+    guarded = requests.get(server + "/guarded/v1/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert guarded.json()["model_transport"] == {"teacher": "ray"}, guarded.text
 
 
 def test_guard_answers_400_and_422_with_clear_messages(server):
