@@ -318,9 +318,9 @@ def _plan(args: argparse.Namespace) -> int:
     from app.console import print_table
 
     plan = sdk.plan(flops=args.flops, usd=args.usd, instance=args.instance, spot=args.spot, fit=args.fit,
-                    summary=args.summary, throughput_from=args.throughput_from, workers=args.workers, preemptions_per_hour=args.preemptions_per_hour,
-                    mfu=args.mfu, save_seconds=args.save_seconds, restart_seconds=args.restart_seconds,
-                    prices=args.prices)
+                    summary=args.summary, throughput_from=args.throughput_from, workers=args.workers,
+                    preemptions_per_hour=args.preemptions_per_hour, mfu=args.mfu, save_seconds=args.save_seconds,
+                    restart_seconds=args.restart_seconds, prices=args.prices)
     args.result = plan.to_dict()
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))

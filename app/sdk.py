@@ -297,8 +297,8 @@ def plan(*, flops: float | None = None, usd: float | None = None, instance: str 
     training run's summary.json for measured tokens/s (then `instance` must name the machine it ran on);
     `throughput_from`: a sweep's results table instead, whose trials' FLOP/s is interpolated to N_opt (their N read
     from `n_column`, by default the column the fit.json was fitted on); without either, tokens/s is estimated from
-    the instance's peak FLOP/s × `mfu`. With `flops` and no `instance`, the
-    instance type that makes the run cheapest is chosen. Returns a `TrainingPlan`."""
+    the instance's peak FLOP/s × `mfu`. With `flops` and no `instance`, the instance type that makes the run
+    cheapest is chosen. Returns a `TrainingPlan`."""
     from app import costs
     from app.errors import FitError, PlanError
     from app.scaling import ScalingFit, published_fit
