@@ -341,8 +341,7 @@ class Router:
     def __init__(self, models: dict[str, Any], settings: dict | None = None) -> None:
         if not models:
             raise ConfigError("router: no models to route to; deploy at least one LMServer")
-        self._handles = dict(models)  # as deployed; self.models holds them with the transport's options
-        self.models = dict(models)
+        self._handles = dict(models)  # as deployed; self.models (set by _apply) holds them with the transport's options
         self._raw_settings = dict(settings or {})
         self._infos: dict[str, dict] = {}
         self._responses: OrderedDict[str, tuple[str, list]] = OrderedDict()  # response id → (model, credit)
@@ -357,12 +356,12 @@ class Router:
         self._apply(validate_settings(_merge(self._raw_settings, user_config or {})))
 
     def _apply(self, s: RouterSettings) -> None:
-        names = list(self.models)
+        names = list(self._handles)
         default = s.default_model or names[0]
-        if default not in self.models:
+        if default not in self._handles:
             raise ConfigError(f"router.default_model: unknown model '{default}'; deployed: {', '.join(names)}")
         embed_model = s.cache.semantic.embed_model or names[0]
-        if embed_model not in self.models:
+        if embed_model not in self._handles:
             raise ConfigError(f"router.cache.semantic.embed_model: unknown model '{embed_model}'; "
                               f"deployed: {', '.join(names)}")
         old = getattr(self, "settings", None)
