@@ -247,31 +247,6 @@ def measured_throughput(summary: str | Path) -> tuple[float, float]:
     return tokens_per_s / world, flops_per_token / 6.0
 
 
-def sweep_throughputs(results, n_column: str | None = None) -> list[tuple[float, float]]:
-    """(N, tokens/s per worker) of every finished trial in a sweep's results table (results.parquet / .csv or the
-    sweep folder), N from `n_column` (default: the first parameter column, a sweep's non-embedding n_params)."""
-    import math
-
-    from app.errors import DataError
-    from pipelines.fit_scaling import COLUMNS, read_table
-
-    frame, source = read_table(results)
-    if "status" in frame.columns:
-        frame = frame[frame["status"] == "ok"]
-    n_col = n_column or next((c for c in COLUMNS["n"] if c in frame.columns), None)
-    if n_col not in frame.columns:
-        raise DataError(f"{source}: no parameter column {n_col or ' / '.join(COLUMNS['n'])!r} to place the "
-                        f"throughputs at; columns are {', '.join(map(str, frame.columns))}")
-    if "tokens_per_s_per_worker" not in frame.columns:
-        raise DataError(f"{source} has no tokens_per_s_per_worker column; --throughput-from reads the "
-                        "results.parquet of `python -m app sweep`")
-    pairs = [(float(n), float(t)) for n, t in zip(frame[n_col], frame["tokens_per_s_per_worker"])
-             if math.isfinite(n) and math.isfinite(t) and n > 0 and t > 0]
-    if not pairs:
-        raise DataError(f"{source}: no finished trial reports tokens/s; wait for the sweep or resume it")
-    return pairs
-
-
 def _fit_n_column(fit) -> str | None:
     """The parameter column a fit.json was fitted on (`fit --n-column`), so throughputs are placed at the same N."""
     import json
@@ -302,6 +277,7 @@ def plan(*, flops: float | None = None, usd: float | None = None, instance: str 
     from app import costs
     from app.errors import FitError, PlanError
     from app.scaling import ScalingFit, published_fit
+    from pipelines.fit_scaling import read_throughputs
 
     if (flops is None) == (usd is None):
         raise PlanError("give exactly one budget: --flops C (FLOPs) or --usd X (with --instance)")
@@ -318,7 +294,7 @@ def plan(*, flops: float | None = None, usd: float | None = None, instance: str 
     except ValueError as err:
         raise PlanError(str(err)) from None
     tps, at_params = measured_throughput(summary) if summary is not None else (None, None)
-    by_params = (sweep_throughputs(throughput_from, n_column or _fit_n_column(fit))
+    by_params = (read_throughputs(throughput_from, n_column or _fit_n_column(fit))
                  if throughput_from is not None else None)
 
     def one(name: str):

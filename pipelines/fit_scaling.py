@@ -125,6 +125,26 @@ def read_runs(results: Any, *, drop_highest_loss: int = 0, n_column: str | None 
     return RunTable(n, d, loss, source, {"n": n_col, "d": d_used, "loss": loss_col}, dropped)
 
 
+def read_throughputs(results: Any, n_column: str | None = None) -> list[tuple[float, float]]:
+    """(N, tokens/s per worker) of every finished trial in a sweep's results table, N from `n_column` (default:
+    the first parameter column, a sweep's non-embedding n_params): what `plan --throughput-from` interpolates."""
+    frame, source = read_table(results)
+    if "status" in frame.columns:
+        frame = frame[frame["status"] == "ok"]
+    n_col = n_column or _pick(frame, "n")
+    if n_col not in frame.columns:
+        raise DataError(f"{source}: no parameter column {n_col or ' / '.join(COLUMNS['n'])!r} to place the "
+                        f"throughputs at; columns are {', '.join(map(str, frame.columns))}")
+    if "tokens_per_s_per_worker" not in frame.columns:
+        raise DataError(f"{source} has no tokens_per_s_per_worker column; --throughput-from reads the "
+                        "results.parquet of `python -m app sweep`")
+    pairs = [(float(n), float(t)) for n, t in zip(frame[n_col], frame["tokens_per_s_per_worker"])
+             if math.isfinite(n) and math.isfinite(t) and n > 0 and t > 0]
+    if not pairs:
+        raise DataError(f"{source}: no finished trial reports tokens/s; wait for the sweep or resume it")
+    return pairs
+
+
 @dataclass
 class FitReport:
     """Approach 3 (the law used for predictions and planning) and the other forms the runs allowed."""
