@@ -104,7 +104,7 @@ def main() -> int:
 
     from app import costs
     from app.console import print_table
-    from app.scaling import SMALL_GRID, BESIROGLU_GRID, fit_chinchilla, fit_kaplan_c
+    from app.scaling import BESIROGLU_GRID, FLOPS_PER_PARAM_TOKEN, SMALL_GRID, fit_chinchilla, fit_kaplan_c
     from app.sweep_config import base_config, load_sweep, make_trial
     from pipelines import sweep as sweep_pipeline
     from pipelines.ray_session import ray_session
@@ -134,7 +134,7 @@ def main() -> int:
         if params == "auto":
             params = min(backtests, key=lambda k: backtests[k]["mean_error"]) if backtests else "non-embedding"
         col = PARAMS[params]
-        compute = 6.0 * ok[col] * ok["tokens"]  # C = 6ND, N counted as the fit counts it
+        compute = FLOPS_PER_PARAM_TOKEN * ok[col] * ok["tokens"]  # C = 6ND, N counted as the fit counts it
         c_max = args.c_max or float(compute.max())
         in_fit = compute <= c_max * (1 + 1e-9)
         fitted, held_out = ok[in_fit], ok[~in_fit]
@@ -152,7 +152,8 @@ def main() -> int:
         base = base_config(sweep, [f"data.dir={json.dumps(str(data_dir))}"])
         shape = candidate_shapes(sweep, n_opt, base, params)[0]
         seed = (sweep.grid.seeds or [base.seed])[0]
-        trial = make_trial(sweep, base, shape, seed, tokens=c_target / (6.0 * shape_size(base, shape, params)),
+        n_shape = shape_size(base, shape, params)
+        trial = make_trial(sweep, base, shape, seed, tokens=c_target / (FLOPS_PER_PARAM_TOKEN * n_shape),
                            storage=str(result.sweep_dir / "extrapolation"),
                            name=f"target-{shape.label}-C{c_target:.1e}".replace("+", ""))
         n_trial = getattr(trial, col)
@@ -169,14 +170,15 @@ def main() -> int:
         # D_opt / (tps × n_trial / N_opt) = C / (6 n_trial tps) = D_trial / tps.
         planned_wall_s = plan.wall_hours * 3600.0
         predicted, lo, hi = law.predict(n_trial, trial.tokens)
-        k_predicted, k_lo, k_hi = kaplan.predict(6.0 * n_trial * trial.tokens)
+        c_trial = FLOPS_PER_PARAM_TOKEN * n_trial * trial.tokens  # C of the shape trained, N counted as the fit's
+        k_predicted, k_lo, k_hi = kaplan.predict(c_trial)
 
         # 4. train it
         from app.data import read_manifest
 
         epochs = trial.tokens / read_manifest(Path(trial.cfg.data.dir)).tokens("train")
         print(f"target: {shape.label}, N={n_trial:,} ({params}), D={trial.tokens:,} ({trial.steps:,} steps, "
-              f"{epochs:.1f} epochs of the data), C={6.0 * n_trial * trial.tokens:.3g}; planner says "
+              f"{epochs:.1f} epochs of the data), C={c_trial:.3g}; planner says "
               f"{planned_wall_s:,.0f} s", file=sys.stderr)
         summary = sweep_pipeline._train_or_reuse(trial.cfg)
 
