@@ -433,6 +433,7 @@ class ScalingFit:
     d: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
     loss: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
     bootstrap_params: np.ndarray | None = field(default=None, repr=False)  # (n_resamples, 5) in CHINCHILLA_PARAMS order
+    n_column: str | None = None  # the results-table column N was read from (fit.json "columns"), when known
 
     @property
     def param_vector(self) -> np.ndarray:
@@ -549,6 +550,7 @@ class ScalingFit:
             "warnings": self.warnings,
             "data": {"n": self.n.tolist(), "d": self.d.tolist(), "loss": self.loss.tolist()},
             "bootstrap_params": None if self.bootstrap_params is None else self.bootstrap_params.tolist(),
+            **({"columns": {"n": self.n_column}} if self.n_column else {}),
         }
 
     @classmethod
@@ -569,6 +571,7 @@ class ScalingFit:
             d=np.asarray(data.get("d", []), dtype=float),
             loss=np.asarray(data.get("loss", []), dtype=float),
             bootstrap_params=None if boot is None else np.asarray(boot, dtype=float).reshape(-1, 5),
+            n_column=(obj.get("columns") or {}).get("n"),
         )
 
     # ---- plots -----------------------------------------------------------------------------------------------

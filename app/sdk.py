@@ -247,19 +247,6 @@ def measured_throughput(summary: str | Path) -> tuple[float, float]:
     return tokens_per_s / world, flops_per_token / 6.0
 
 
-def _fit_n_column(fit) -> str | None:
-    """The parameter column a fit.json was fitted on (`fit --n-column`), so throughputs are placed at the same N."""
-    import json
-
-    if not isinstance(fit, (str, Path)):
-        return None
-    path = Path(fit) / "fit.json" if Path(fit).is_dir() else Path(fit)
-    try:
-        return (json.loads(path.read_text()).get("columns") or {}).get("n")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def plan(*, flops: float | None = None, usd: float | None = None, instance: str | None = None, spot: bool = False,
          fit=None, summary: str | Path | None = None, throughput_from: str | Path | None = None,
          n_column: str | None = None, workers: int = 1, preemptions_per_hour: float = 0.0,
@@ -271,7 +258,7 @@ def plan(*, flops: float | None = None, usd: float | None = None, instance: str 
     `fit`: a ScalingFit or a fit.json path (default: Besiroglu et al.'s refit of Chinchilla). `summary`: a
     training run's summary.json for measured tokens/s (then `instance` must name the machine it ran on);
     `throughput_from`: a sweep's results table instead, whose trials' FLOP/s is interpolated to N_opt (their N read
-    from `n_column`, by default the column the fit.json was fitted on); without either, tokens/s is estimated from
+    from `n_column`, by default the column the fit was fitted on); without either, tokens/s is estimated from
     the instance's peak FLOP/s × `mfu`. With `flops` and no `instance`, the instance type that makes the run
     cheapest is chosen. Returns a `TrainingPlan`."""
     from app import costs
@@ -294,7 +281,7 @@ def plan(*, flops: float | None = None, usd: float | None = None, instance: str 
     except ValueError as err:
         raise PlanError(str(err)) from None
     tps, at_params = measured_throughput(summary) if summary is not None else (None, None)
-    by_params = (read_throughputs(throughput_from, n_column or _fit_n_column(fit))
+    by_params = (read_throughputs(throughput_from, n_column or law.n_column)
                  if throughput_from is not None else None)
 
     def one(name: str):

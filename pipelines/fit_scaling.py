@@ -214,6 +214,7 @@ def run(
         law = fit_chinchilla(runs.n, runs.d, runs.loss, grid=GRIDS[grid], n_bootstrap=bootstrap, seed=seed)
     except ValueError as err:
         raise FitError(f"{runs.source}: {err}") from None
+    law.n_column = runs.columns["n"]
     notes: dict[str, str] = {}
     kaplan_boot = min(bootstrap, 200)  # one-variable fits: 200 resamples give stable 95% intervals
     kaplan_n = _fit_or_note(notes, "kaplan_n", lambda: fit_kaplan_n(runs.n, runs.loss, n_bootstrap=kaplan_boot,

@@ -130,6 +130,10 @@ def test_plan_cli_wall_time_from_a_sweeps_measured_throughput(fitted, tmp_path):
     half = n_opt / 2  # the trial of total N = N_opt is the one of non-embedding N = N_opt / 2: its tokens/s
     assert json.loads(total.stdout)["tokens_per_second_per_worker"] == pytest.approx(
         2e12 * (half / 1e7) ** 0.1 / (6 * half), rel=0.03)
+    in_memory = app.plan(flops=1e21, fit=ScalingFit.from_json(total_fit), instance="g6e.xlarge",
+                         throughput_from=results)  # a ScalingFit object carries its column too
+    assert in_memory.tokens_per_second_per_worker == pytest.approx(
+        json.loads(total.stdout)["tokens_per_second_per_worker"], rel=1e-9)
 
     with pytest.raises(DataError, match="no parameter column 'nope' to place the throughputs at; columns are trial"):
         app.plan(flops=1e21, instance="g6e.xlarge", throughput_from=results, n_column="nope")
@@ -177,6 +181,9 @@ def test_fit_counts_the_parameters_of_the_column_asked_for():
     df["n_params"] = df["n_params_total"] - 5e6 * (df["n_params_total"] / 1e7) ** 0.5  # embeddings grow like √N
     total = app.fit_report(df, bootstrap=0, grid="small", n_column="n_params_total", plots=False)
     assert total.runs.columns["n"] == "n_params_total"
+    assert total.law.n_column == "n_params_total"  # the law carries it: plan(throughput_from=) places trials there
+    assert ScalingFit.from_json(total.law.to_json()).n_column == "n_params_total"
+    assert ScalingFit.from_json(total.to_json()).n_column == "n_params_total"
     p = total.law.params
     assert (p["E"], p["alpha"]) == pytest.approx((TRUE["E"], TRUE["alpha"]), abs=0.05)
     default = app.fit_report(df, bootstrap=0, grid="small", plots=False)
