@@ -222,11 +222,15 @@ def load_fit(path: str | Path):
         raise FitError(f"{path} is not a fit.json from `python -m app fit` (needs form, params, n_points)") from None
 
 
-def measured_throughput(summary: str | Path) -> tuple[float, float]:
+def measured_throughput(summary: str | Path, n_column: str | None = None, *,
+                        strict: bool = False) -> tuple[float, float]:
     """(tokens/s per worker, N the throughput was measured at) from a training run's summary.json.
 
-    N is flops_per_token / 6: the planner rescales throughput at constant FLOP/s, so the size that matters is the
-    model's whole training cost per token (output head and attention included), not only its parameters."""
+    The planner rescales throughput at constant FLOP/s from this N to N_opt, so N must be counted as the law
+    counts N_opt: the summary's `n_column` ("n_params", non-embedding, or "n_params_total", the columns of a sweep
+    and of a law fitted on one). Without it (the published law, or a summary older than those keys) N is
+    flops_per_token / 6, the model's whole training cost per token (output head and attention included);
+    `strict` makes a missing `n_column` an error instead."""
     import json
 
     from app.errors import DataError
@@ -244,7 +248,13 @@ def measured_throughput(summary: str | Path) -> tuple[float, float]:
         raise DataError(f"{path} lacks tokens_per_s / flops_per_token; is it a training run's summary.json?") from None
     if not tokens_per_s > 0:
         raise DataError(f"{path} reports tokens_per_s={tokens_per_s}; the run trained no steps")
-    return tokens_per_s / world, flops_per_token / 6.0
+    n = s.get(n_column) if n_column else None
+    if not (isinstance(n, (int, float)) and n > 0):
+        if strict:
+            raise DataError(f"{path} has no {n_column!r} (runs trained before 2026-12-07 lack it); leave n_column "
+                            "out to place its tokens/s at flops_per_token / 6")
+        n = flops_per_token / 6.0
+    return tokens_per_s / world, float(n)
 
 
 def plan(*, flops: float | None = None, usd: float | None = None, instance: str | None = None, spot: bool = False,
@@ -257,8 +267,9 @@ def plan(*, flops: float | None = None, usd: float | None = None, instance: str 
 
     `fit`: a ScalingFit or a fit.json path (default: Besiroglu et al.'s refit of Chinchilla). `summary`: a
     training run's summary.json for measured tokens/s (then `instance` must name the machine it ran on);
-    `throughput_from`: a sweep's results table instead, whose trials' FLOP/s is interpolated to N_opt (their N read
-    from `n_column`, by default the column the fit was fitted on); without either, tokens/s is estimated from
+    `throughput_from`: a sweep's results table instead, whose trials' FLOP/s is interpolated to N_opt. Either is
+    placed at the N in `n_column` (default: the column the fit was fitted on; a summary without it, or with the
+    published law, at flops_per_token / 6: `measured_throughput`); without either, tokens/s is estimated from
     the instance's peak FLOP/s × `mfu`. With `flops` and no `instance`, the instance type that makes the run
     cheapest is chosen. Returns a `TrainingPlan`."""
     from app import costs
@@ -280,7 +291,8 @@ def plan(*, flops: float | None = None, usd: float | None = None, instance: str 
         table = costs.load_prices(prices)
     except ValueError as err:
         raise PlanError(str(err)) from None
-    tps, at_params = measured_throughput(summary) if summary is not None else (None, None)
+    tps, at_params = (measured_throughput(summary, n_column or law.n_column, strict=n_column is not None)
+                      if summary is not None else (None, None))
     by_params = (read_throughputs(throughput_from, n_column or law.n_column)
                  if throughput_from is not None else None)
 

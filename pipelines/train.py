@@ -1004,7 +1004,12 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True,
         import torch
 
         with torch.device("meta"):
-            flops_per_token = GPT(cfg.model).flops_per_token()
+            model = GPT(cfg.model)
+            flops_per_token = model.flops_per_token()
+            # a sweep's two parameter columns, so a planner fitted on either can place this run's tokens/s
+            sizes = {"n_params": model.num_params(non_embedding=True),
+                     "n_params_total": model.num_params(non_embedding=False)}
+            del model
         # Named so that tools beside the driver (the chaos harness, a notebook) can follow the run.
         # Pinned to the driver's node (the on-demand head on a cluster): it must outlive any worker node.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -1067,7 +1072,7 @@ def run(cfg: TrainConfig, *, num_cpus: int | None = None, progress: bool = True,
     ledger.seconds["productive"] -= lost_s  # steps computed twice count once
     ledger.add("lost", lost_s)
     artifact = _export(fs, run_path, cfg, data_dir, history, teacher_card, storage, init_card)
-    summary = _summary(cfg, history, attempts, ledger, wall_s, flops_per_token, lost_steps)
+    summary = _summary(cfg, history, attempts, ledger, wall_s, flops_per_token, sizes, lost_steps)
     _write_run_files(fs, run_path, summary, history)
     return TrainResult(run_dir=f"{storage}/{cfg.name}" if "://" in storage else run_path, summary=summary,
                        artifact=artifact, history=history, records=records, attempts=attempts)
@@ -1087,7 +1092,7 @@ def _history(records: list[dict]):
 
 
 def _summary(cfg: TrainConfig, history, attempts: list[dict], ledger: GoodputLedger, wall_s: float,
-             flops_per_token: int, lost_steps: int) -> dict[str, Any]:
+             flops_per_token: int, sizes: dict[str, int], lost_steps: int) -> dict[str, Any]:
     tokens = int(len(history) * cfg.parallel.global_batch * cfg.model.seq_len)
     productive = ledger.seconds["productive"]
     tokens_per_s = tokens / productive if productive > 0 else 0.0
@@ -1116,6 +1121,7 @@ def _summary(cfg: TrainConfig, history, attempts: list[dict], ledger: GoodputLed
         "universal_conversion_s": round(sum(a["universal_conversion_s"] for a in attempts), 3),
         "goodput": round(ledger.goodput(wall_s), 4),
         "ledger": ledger.summary(wall_s),
+        **sizes,
         "flops_per_token": flops_per_token,
         "zero_stage": cfg.parallel.zero_stage,
         "pipeline_stages": cfg.parallel.pipeline_stages,

@@ -12,6 +12,7 @@ import pytest
 from app.checkpoint import MARKER, checkpoint_name
 from app.config import load_config
 from app.errors import ConfigError
+from app.model import GPT
 from pipelines import train
 
 STEPS = 12
@@ -47,6 +48,8 @@ def test_zero2_trains_and_writes_everything(zero2, storage):
     assert s["final_val_loss"] is not None and np.isfinite(s["final_val_loss"])
     assert s["tokens"] == STEPS * 8 * 64 and s["tokens_per_s"] > 0 and 0 < s["mfu"] < 1
     assert 0 < s["goodput"] <= 1 and s["ledger"]["productive_s"] > 0
+    model = GPT(load_config("tiny").model)  # the sweep's two parameter columns, for `plan --summary`
+    assert (s["n_params"], s["n_params_total"]) == (model.num_params(), model.num_params(non_embedding=False))
     on_disk = json.loads((storage / "zero2" / "summary.json").read_text())
     for key in ("final_loss", "final_val_loss", "tokens", "tokens_per_s", "mfu", "steps", "wall_s", "world_sizes",
                 "restarts", "goodput"):

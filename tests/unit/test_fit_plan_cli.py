@@ -99,6 +99,30 @@ def test_plan_cli_default_law_and_measured_throughput(tmp_path):
     assert "the cheapest in the price file" in cheapest.stdout and "Besiroglu" in cheapest.stdout
 
 
+def test_plan_places_a_summarys_throughput_at_the_fits_parameter_count(fitted, tmp_path):
+    """A law fitted on a sweep's n_params rescales a run's tokens/s from that run's n_params, not from
+    flops_per_token / 6 (which counts the output head and attention: N_opt does not)."""
+    _, out = fitted
+    summary = tmp_path / "summary.json"
+    body = {"tokens_per_s": 20000.0, "flops_per_token": 6e6, "world_sizes": [1], "n_params": 4e5,
+            "n_params_total": 6e5}
+    summary.write_text(json.dumps(body))
+    result = run_cli("plan", "--flops", "1e21", "--fit", str(out / "fit.json"), "--instance", "g6e.xlarge",
+                     "--summary", str(summary), "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["tokens_per_second_per_worker"] == pytest.approx(2e4 * 4e5 / plan["n_params"], rel=1e-9)
+    total = app.plan(flops=1e21, fit=out / "fit.json", instance="g6e.xlarge", summary=summary,
+                     n_column="n_params_total")
+    assert total.tokens_per_second_per_worker == pytest.approx(2e4 * 6e5 / total.n_params, rel=1e-9)
+    del body["n_params"]  # a summary written before the key existed: flops_per_token / 6, unless asked for
+    summary.write_text(json.dumps(body))
+    old = app.plan(flops=1e21, fit=out / "fit.json", instance="g6e.xlarge", summary=summary)
+    assert old.tokens_per_second_per_worker == pytest.approx(2e4 * 1e6 / old.n_params, rel=1e-9)
+    with pytest.raises(DataError, match="has no 'n_params' .* leave n_column out"):
+        app.plan(flops=1e21, fit=out / "fit.json", instance="g6e.xlarge", summary=summary, n_column="n_params")
+
+
 def test_plan_cli_wall_time_from_a_sweeps_measured_throughput(fitted, tmp_path):
     """--throughput-from: each trial's FLOP/s (6N × tokens/s) interpolated in log N to N_opt, with N read from the
     column the fit.json was fitted on."""
