@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 from app.errors import ConfigError, FitError, UserError
 from app.jsonsafe import finite
-from pipelines.ray_session import free_port
+from pipelines.ray_session import environ, free_port
 
 SWEEP_CONFIG = Path(__file__).resolve().parents[1] / "tune_configs" / "demo.yaml"
 DOMAINS = ("code", "docs")
@@ -656,6 +656,7 @@ def run(out: str | Path | None = None, *, fast: bool = False, port: int | None =
 
     from app import sdk
     from app.registry import machine
+    from serve_deployments.app import PROXY_ENV
 
     if os.environ.get("RAY_ADDRESS"):
         raise ConfigError("the demo runs on embedded Ray and a local cluster it starts itself; unset RAY_ADDRESS "
@@ -671,8 +672,9 @@ def run(out: str | Path | None = None, *, fast: bool = False, port: int | None =
     with _own_registry():
         _prepare(demo)
         teacher = _teacher(demo)
-        ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
-                 log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
+        with environ(PROXY_ENV):  # the Ray the demo serves on, set up as `python -m app serve` sets its own
+            ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
+                     log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
         try:
             _sweep_fit_plan(demo, teacher)
             specialists = _specialists(demo, teacher)

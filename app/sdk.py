@@ -394,8 +394,7 @@ def deploy(config=None, *, models=None, host: str | None = None, port: int | Non
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"])
         else:
-            flags = serving.direct_ingress_env(args.port) if ingress == "direct" else {}
-            with environ(flags):  # inherited by the raylet and so by every Serve actor; not kept in this process
+            with environ(serving.serving_env(args.port, ingress)):  # inherited by the raylet and so by every Serve actor; not kept in this process
                 ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                          log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
     try:

@@ -4,8 +4,9 @@
                                     [--max-tokens 32]
 
 One Serve application holds the teacher three times (continuous batching up to 32 requests, static batching up
-to 32, and batching off: max_batch_size 1), the int8 student, and the router; Ray runs with direct ingress on, so
-the router answers HTTP both behind Serve's proxy (on one port) and by itself (on another). Every configuration
+to 32, and batching off: max_batch_size 1), the int8 student, and the router; Ray runs as `python -m app serve
+--ingress direct` starts it (serve_deployments.app.serving_env: direct ingress on, Serve's proxy calling the router
+over gRPC), so the router answers HTTP both behind Serve's proxy (on one port) and by itself (on another). Every configuration
 gets the same prompts in the same order, from a closed loop of `concurrency` clients on 127.0.0.1; each request
 is greedy, at most --max-tokens tokens, and distinct (the router's cache is off), so every one reaches a model.
 Compared:
@@ -183,7 +184,7 @@ def main() -> int:
 
     from app.console import print_table, progress_bar
     from pipelines.ray_session import environ, free_port
-    from serve_deployments.app import APP_NAME, build_app, direct_ingress_env
+    from serve_deployments.app import APP_NAME, build_app, serving_env
 
     teacher = args.teacher or default_teacher()
     tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
@@ -203,7 +204,7 @@ def main() -> int:
     serve_args = {"models": models, "port": port, "router_ray_actor_options": quarter,
                   "router": {"cache": {"exact": {"enabled": False}}, "guard": {"rate_per_s": 0}}}
 
-    with environ(direct_ingress_env(direct_port)):
+    with environ(serving_env(direct_port, "direct")):  # what `python -m app serve --ingress direct` runs
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(serve_args), name=APP_NAME, route_prefix="/")

@@ -23,8 +23,12 @@ def ray_local():
     """One embedded Ray instance for every test that needs it (2 CPUs, like the machine)."""
     import ray
 
+    from pipelines.ray_session import environ
+    from serve_deployments.app import PROXY_ENV
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        with environ(PROXY_ENV):  # as `python -m app serve` starts Ray: the HTTP tests go through that proxy
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

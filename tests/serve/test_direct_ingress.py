@@ -17,7 +17,7 @@ import pytest
 
 from app.errors import ConfigError, UserError
 from pipelines.ray_session import free_port
-from serve_deployments.app import direct_ingress_env, load_serve_args, start
+from serve_deployments.app import PROXY_ENV, direct_ingress_env, load_serve_args, serving_env, start
 from tests.serve.test_lm_server import build_tiny_artifact
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,6 +108,11 @@ def test_direct_ingress_refuses_a_taken_port_and_unknown_modes(artifact) -> None
             start(args, ingress="direct")
     with pytest.raises(ConfigError, match="ingress: expected one of proxy, direct, got 'haproxy'"):
         start(args, ingress="haproxy")
+
+
+def test_serving_env_always_sends_the_proxy_over_grpc() -> None:
+    assert serving_env(8123) == PROXY_ENV == {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+    assert serving_env(8123, "direct") == {**PROXY_ENV, **direct_ingress_env(8123)}
 
 
 def test_direct_ingress_env_names_the_port_range() -> None:

@@ -141,6 +141,20 @@ def test_chat_template_and_models_listing(server):
     assert requests.get(server + "/healthz", timeout=10).json() == {"status": "ok", "models": ["teacher", "student"]}
 
 
+def test_the_proxy_calls_the_router_over_grpc(server):
+    """The session's Ray starts as `python -m app serve` starts its own (PROXY_ENV): the proxy actor that answers
+    these tests runs with the flag, so every HTTP test here goes proxy → router over gRPC."""
+    from ray._private.state import actors  # the GCS's table: the state API needs the dashboard, off here
+
+    from serve_deployments.app import PROXY_ENV
+
+    pids = [a["Pid"] for a in actors().values() if a["ActorClassName"] == "ProxyActor" and a["State"] == "ALIVE"]
+    assert len(pids) == 1
+    environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
+    for key, value in PROXY_ENV.items():
+        assert f"{key}={value}".encode() in environ
+
+
 def test_streaming_sse_matches_the_non_streamed_answer(server):
     body = {"prompt": DOCS, "model": "teacher", "max_tokens": 8, "temperature": 0, "stop": ["zzz"]}
     plain = post(server, "/v1/completions", body).json()["choices"][0]["text"]
