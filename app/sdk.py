@@ -394,7 +394,8 @@ def deploy(config=None, *, models=None, host: str | None = None, port: int | Non
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"])
         else:
-            with environ(serving.serving_env(args.port, ingress)):  # inherited by the raylet and so by every Serve actor; not kept in this process
+            # inherited by the raylet and so by every Serve actor; not kept in this process
+            with environ(serving.serving_env(args.port, ingress)):
                 ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                          log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
     try:

@@ -6,9 +6,10 @@
 One Serve application holds the teacher three times (continuous batching up to 32 requests, static batching up
 to 32, and batching off: max_batch_size 1), the int8 student, and the router; Ray runs as `python -m app serve
 --ingress direct` starts it (serve_deployments.app.serving_env: direct ingress on, Serve's proxy calling the router
-over gRPC), so the router answers HTTP both behind Serve's proxy (on one port) and by itself (on another). Every configuration
-gets the same prompts in the same order, from a closed loop of `concurrency` clients on 127.0.0.1; each request
-is greedy, at most --max-tokens tokens, and distinct (the router's cache is off), so every one reaches a model.
+over gRPC), so the router answers HTTP both behind Serve's proxy (on one port) and by itself (on another). Every
+configuration gets the same prompts in the same order, from a closed loop of `concurrency` clients on 127.0.0.1;
+each request is greedy, at most --max-tokens tokens, and distinct (the router's cache is off), so every one reaches
+a model.
 Compared:
 
   (a) the teacher through a DeploymentHandle vs over HTTP through the router, via Serve's proxy and direct;
