@@ -239,6 +239,20 @@ def test_token_auth_is_on_for_every_ray_start(prepared):
     assert worker["address"] == "10.0.0.1:6379"
 
 
+def test_every_ray_start_runs_serves_proxy_over_grpc(prepared, cr):
+    """A proxy runs on every node and reads PROXY_ENV when it starts: every node's Ray gets it, as `app serve` does."""
+    from serve_deployments.app import PROXY_ENV
+
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for command in (c for c in prepared[key] if "ray start" in c):
+            assert PROXY_ENV.items() <= _exports(command).items(), command
+    spec = cr["spec"]
+    containers = [("head", c) for c in _containers(spec["headGroupSpec"])]
+    containers += [(g["groupName"], c) for g in spec["workerGroupSpecs"] for c in _containers(g)]
+    for where, container in containers:
+        assert {k: _env(container).get(k, {}).get("value") for k in PROXY_ENV} == PROXY_ENV, where
+
+
 def test_the_head_declares_a_lost_node_dead_quickly(prepared, cr):
     """The GCS runs on the head: both cluster definitions give it the node health checks the chaos harness's
     local cluster uses (a node lost without notice off Ray's books in ~3 s)."""
