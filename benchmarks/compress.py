@@ -7,7 +7,8 @@ int4 versions — quality, size and speed of every model measured side by side i
 Every model trains with the project's own trainer (Ray Train + DeepSpeed, `--workers` workers, ZeRO-2) on the
 teacher preset's data; the student gets the teacher's data, steps and global batch, so (a) and (b) see the same
 tokens. Each specialist is distilled on one domain's data starting from the distilled student (`init_from`); the
-same shape distilled on that domain from scratch, in as many steps, is measured beside it. Trained models are kept
+same shape distilled on that domain from scratch, in as many steps, is measured beside it (unless
+--no-scratch-specialists). Trained models are kept
 under --out and reused when the script runs again (they are deterministic);
 the measurements at the end are always taken afresh, all in this process: validation loss per domain on the same
 windows, quality retention exp(L_teacher − L_model), and KV-cached greedy decoding tokens/s at batch 1 and 16
@@ -157,6 +158,9 @@ def main(argv=None) -> int:
                          "('' to skip)")
     ap.add_argument("--no-compiled", dest="compiled", action="store_false",
                     help="skip the torch.compile'd decoding rows (GPT.compile_decoding; they add minutes of compiling)")
+    ap.add_argument("--no-scratch-specialists", dest="scratch", action="store_false",
+                    help="skip the specialists distilled from scratch (the rows the specialists are compared with; "
+                         "half the specialist training)")
     ap.add_argument("--out", default="runs/bench-compress")
     args = ap.parse_args(argv)
 
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
     # student shape distilled on that domain from scratch, in the same steps, is the row it has to beat.
     spec = [*student, f"steps={args.specialist_steps or steps}"]
     scratch = {d: _trained(storage, distilled(teacher, *spec, f"data.domains=[{d}]", f"name=specialist-{d}"),
-                           lambda cfg: sdk.distill(teacher, cfg)) for d in domains}
+                           lambda cfg: sdk.distill(teacher, cfg)) for d in domains if args.scratch}
     specialists = {d: _trained(storage, distilled(teacher, *spec, f"data.domains=[{d}]", f"init_from={kd}",
                                                   f"name=specialist-{d}-from-kd"),
                                lambda cfg: sdk.distill(teacher, cfg)) for d in domains}
