@@ -487,6 +487,9 @@ def _models(args: argparse.Namespace) -> int:
 # ---- serve ---------------------------------------------------------------------------------------------------
 
 
+INGRESS_NAMES = {"haproxy": "HAProxy", "proxy": "Serve's HTTP proxy", "direct": "the router replica (direct ingress)"}
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML: serve_deployments/serve_config.yaml (Serve's format) or ServeArgs fields")
     p.add_argument("--model", dest="models", action="append", default=[], metavar="NAME=ARTIFACT",
@@ -494,9 +497,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="HTTP bind address (default 127.0.0.1; anything else requires API keys)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--num-cpus", type=int, help="CPUs for embedded Ray (default: all)")
-    p.add_argument("--ingress", choices=("proxy", "direct"), default="proxy",
-                   help="who listens on --port: Serve's HTTP proxy (default) or the router replica itself (direct: "
-                        "one hop fewer per request; Ray's direct-ingress flag, set for the Ray started here)")
+    p.add_argument("--ingress", choices=("auto", "haproxy", "proxy", "direct"), default="auto",
+                   help="who listens on --port: HAProxy forwarding to the router replicas' own servers (haproxy: "
+                        "one actor hop fewer than Serve's proxy; Ray's HAProxy flag, set for the Ray started here), "
+                        "Serve's Python HTTP proxy (proxy), or the router replica itself (direct; Ray's direct-"
+                        "ingress flag). auto (default): haproxy on the Ray started here, else whichever of haproxy "
+                        "and proxy the cluster runs")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -521,7 +527,8 @@ def _serve(args: argparse.Namespace) -> int:
                 for m in client.models() if m["id"] != "auto"] if is_loopback(serve_args.host) else []
         if rows:
             print_table("models", ["name", "parameters", "quantization", "max batch"], rows)
-        print(f"serving on {client.base_url} (OpenAI-compatible: /v1/completions, /v1/chat/completions, /v1/models)")
+        print(f"serving on {client.base_url} through {INGRESS_NAMES.get(client.ingress, client.ingress)} "
+              "(OpenAI-compatible: /v1/completions, /v1/chat/completions, /v1/models)")
         print(curl_example(client, needs_key=not is_loopback(serve_args.host)))
         print("Ctrl-C stops", flush=True)
         while True:

@@ -137,7 +137,7 @@ class _Run:
     out: Path
     sizes: DemoSizes
     fast: bool
-    port: int | None
+    port: int
     report: dict[str, Any] = field(default_factory=dict)
     stages: list[dict[str, Any]] = field(default_factory=list)
 
@@ -348,7 +348,7 @@ def _serve_and_route(run: _Run) -> None:
                     "ray_actor_options": {"num_cpus": 0.5}} for n, a in artifacts.items()],
         "router_ray_actor_options": {"num_cpus": 0.25},
         "router": {"policy": names["teacher"], "guard": {"api_keys": [admin_key], "rate_per_s": 0}},
-        "port": run.port or free_port(),
+        "port": run.port,
     }
     table = policies(names)
     with run.stage("serve behind the router and send sample requests") as line:
@@ -656,7 +656,7 @@ def run(out: str | Path | None = None, *, fast: bool = False, port: int | None =
 
     from app import sdk
     from app.registry import machine
-    from serve_deployments.app import PROXY_ENV
+    from serve_deployments.app import serving_env
 
     if os.environ.get("RAY_ADDRESS"):
         raise ConfigError("the demo runs on embedded Ray and a local cluster it starts itself; unset RAY_ADDRESS "
@@ -668,11 +668,12 @@ def run(out: str | Path | None = None, *, fast: bool = False, port: int | None =
         raise ConfigError(f"--port {port}: pick a port in 1..65535")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     t_start = time.perf_counter()
-    demo = _Run(_check_out(Path(out) if out is not None else default_out()), FAST if fast else FULL, fast, port)
+    demo = _Run(_check_out(Path(out) if out is not None else default_out()), FAST if fast else FULL, fast,
+                port or free_port())
     with _own_registry():
         _prepare(demo)
         teacher = _teacher(demo)
-        with environ(PROXY_ENV):  # the Ray the demo serves on, set up as `python -m app serve` sets its own
+        with environ(serving_env(demo.port, "auto")):  # the Ray it serves on, as `python -m app serve` starts one
             ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
                      log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
         try:

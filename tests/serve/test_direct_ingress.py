@@ -1,7 +1,8 @@
-"""Direct ingress: the router replica serves HTTP itself on the asked port, Serve's proxy moves aside.
+"""Direct ingress: the router replica serves HTTP itself on the asked port, Serve's proxy moves aside; and
+HAProxy ingress: HAProxy takes the port in the proxy's place and forwards to the router replica's own server.
 
-Ray reads the direct-ingress flag when it starts, so the deployed case runs in a child process with a Ray of its
-own (the session's embedded Ray has no flag); the refusals need no Ray at all.
+Ray reads these flags when it starts, so the deployed cases run in a child process with a Ray of their own (the
+session's embedded Ray has no flag); the refusals need no Ray at all.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import pytest
 
 from app.errors import ConfigError, UserError
 from pipelines.ray_session import free_port
-from serve_deployments.app import PROXY_ENV, direct_ingress_env, load_serve_args, serving_env, start
+import serve_deployments.app as serving
+from serve_deployments.app import (HAPROXY_PORT_VARS, PROXY_ENV, direct_ingress_env, haproxy_env, load_serve_args,
+                                   serving_env, start)
 from tests.serve.test_lm_server import build_tiny_artifact
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,8 +109,8 @@ def test_direct_ingress_refuses_a_taken_port_and_unknown_modes(artifact) -> None
         args = load_serve_args(None, [f"tiny={artifact}"], None, port)
         with pytest.raises(UserError, match=f"port {port}: already in use on 127.0.0.1; pass a free --port"):
             start(args, ingress="direct")
-    with pytest.raises(ConfigError, match="ingress: expected one of proxy, direct, got 'haproxy'"):
-        start(args, ingress="haproxy")
+    with pytest.raises(ConfigError, match="ingress: expected one of auto, proxy, direct, haproxy, got 'nginx'"):
+        start(args, ingress="nginx")
 
 
 def test_serving_env_always_sends_the_proxy_over_grpc() -> None:
@@ -120,3 +123,93 @@ def test_direct_ingress_env_names_the_port_range() -> None:
     assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
     assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8123", "8187")
     assert direct_ingress_env(65530)["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] == "65535"
+
+
+HAPROXY_CHILD = textwrap.dedent("""
+    import json, os, subprocess, sys, urllib.request
+    import app
+    from serve_deployments.app import haproxy_running
+
+    artifact, port = sys.argv[1], int(sys.argv[2])
+    args = {"models": [{"name": "tiny", "artifact": artifact, "ray_actor_options": {"num_cpus": 0.25}}],
+            "router_ray_actor_options": {"num_cpus": 0.25}}
+    client = app.deploy(args, port=port, num_cpus=1)  # the default ingress, auto: HAProxy on a Ray started here
+    out = {"ingress": client.ingress}
+    try:
+        def post(body):
+            req = urllib.request.Request(client.base_url + "/v1/completions", method="POST",
+                                         data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+            return urllib.request.urlopen(req, timeout=60)
+        with post({"prompt": "def f(x):", "max_tokens": 4, "temperature": 0}) as resp:
+            out["status"], out["timing"] = resp.status, resp.headers["server-timing"]
+            out["model"] = json.loads(resp.read())["scalestack"]["model"]
+        with post({"prompt": "def f(x):", "max_tokens": 6, "temperature": 0, "stream": True}) as resp:
+            out["stream_type"] = resp.headers["content-type"]
+            out["events"] = [line.decode().strip() for line in resp if line.startswith(b"data:")]
+        with post({"prompt": "", "max_tokens": 4}) as resp:
+            pass
+    except urllib.error.HTTPError as err:  # the empty prompt: the router's own 400, through HAProxy
+        out["bad_status"], out["bad_body"] = err.code, json.loads(err.read())
+    try:
+        out["haproxy_running"] = haproxy_running()
+        listeners = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
+        out["listener"] = next((line for line in listeners.splitlines() if f"127.0.0.1:{port} " in line), "")
+        out["flag_left_in_driver"] = "RAY_SERVE_ENABLE_HA_PROXY" in os.environ
+    finally:
+        client.shutdown()
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_haproxy_ingress_answers_streams_and_refuses_through_haproxy(artifact) -> None:
+    """app.deploy starting Ray itself serves through HAProxy by default: HAProxy itself listens on the asked port;
+    completions, streams and the router's own 400s pass through it unchanged; the flag went to the Ray app.deploy
+    started, not into the caller."""
+    port = free_port()
+    proc = subprocess.run([sys.executable, "-c", HAPROXY_CHILD, str(artifact), str(port)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["ingress"] == "haproxy"
+    assert out["status"] == 200 and out["model"] == "tiny"
+    assert out["timing"].startswith("router;dur=") and ", model;dur=" in out["timing"]
+    assert out["stream_type"].startswith("text/event-stream")
+    assert out["events"][-1] == "data: [DONE]" and len(out["events"]) >= 3, out["events"]
+    assert out["bad_status"] == 400 and "prompt" in json.dumps(out["bad_body"]), out
+    assert out["haproxy_running"] is True
+    assert '"haproxy"' in out["listener"], out["listener"]  # the port is HAProxy's, not a Ray actor's
+    assert out["flag_left_in_driver"] is False
+
+
+def test_haproxy_ingress_on_a_ray_without_the_flag_is_refused_saying_how(artifact, monkeypatch) -> None:
+    """A running Ray started without RAY_SERVE_ENABLE_HA_PROXY answers through Serve's Python proxy: the app is
+    taken down again and the error says which flag the cluster needs (Serve itself is stubbed: no Ray here)."""
+    from ray import serve
+
+    calls = []
+    monkeypatch.setattr(serve, "start", lambda **kw: calls.append(("start", kw["http_options"]["port"])))
+    monkeypatch.setattr(serve, "run", lambda app, **kw: calls.append(("run", kw["name"])))
+    monkeypatch.setattr(serve, "delete", lambda name: calls.append(("delete", name)))
+    monkeypatch.setattr(serving.ServeClient, "wait_ready", lambda self, timeout_s: None)
+    monkeypatch.setattr(serving, "haproxy_running", lambda: False)
+    args = load_serve_args(None, [f"tiny={artifact}"], None, 8123)
+    with pytest.raises(UserError, match="ingress haproxy: this Ray cluster runs Serve's Python proxy, not HAProxy; "
+                                        "start it with RAY_SERVE_ENABLE_HA_PROXY=1"):
+        start(args, ingress="haproxy")
+    assert calls == [("start", 8123), ("run", "scalestack"), ("delete", "scalestack")]
+
+
+def test_haproxy_env_keeps_servers_on_one_machine_apart(monkeypatch) -> None:
+    env, other = haproxy_env(8123), haproxy_env(8124)
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    files = [k for k in env if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
+    assert len(files) == 5 and all(env[k].startswith("/tmp/ss-haproxy-8123") for k in files)
+    assert all(env[k] != other[k] for k in files)
+    assert not set(HAPROXY_PORT_VARS) & set(env)  # on a cluster, Ray's default ports
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", "9999")  # one a user named stays
+    local = serving_env(8123, "haproxy")
+    assert local["RAY_SERVE_HAPROXY_METRICS_PORT"] == "9999"
+    ports = [int(local[k]) for k in HAPROXY_PORT_VARS]
+    assert len(set(ports)) == 4 and all(1024 < p < 65536 for p in ports)
+    assert local["RAY_SERVE_PROXY_USE_GRPC"] == "1"  # its fallback proxy calls over gRPC like the default one

@@ -142,8 +142,8 @@ def test_chat_template_and_models_listing(server):
 
 
 def test_the_proxy_calls_the_router_over_grpc(server):
-    """The session's Ray starts as `python -m app serve` starts its own (PROXY_ENV): the proxy actor that answers
-    these tests runs with the flag, so every HTTP test here goes proxy → router over gRPC."""
+    """The session's Ray starts as cluster.yaml starts a cluster's (PROXY_ENV, no HAProxy): the proxy actor that
+    answers these tests runs with the flag, so every HTTP test here goes proxy → router over gRPC."""
     from ray._private.state import actors  # the GCS's table: the state API needs the dashboard, off here
 
     from serve_deployments.app import PROXY_ENV

@@ -103,6 +103,7 @@ def client(ray_local, artifact):
         "router": {"cache": {"exact": {"enabled": False}}, "guard": {"rate_per_s": 0}},
         "router_ray_actor_options": quarter,
     }, port=free_port())
+    assert c.ingress == "proxy"  # auto on a running Ray without the HAProxy flag: Serve's proxy answers
     yield c
     c.shutdown()
 
