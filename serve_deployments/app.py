@@ -256,6 +256,7 @@ def direct_ingress_env(port: int) -> dict[str, str]:
 # Prometheus exporter (9101), and the Python proxy Serve keeps on the head node as a fallback (8500, gRPC 9500).
 HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                      "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+DRAIN_VAR = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 
 
 def haproxy_env(port: int, *, local: bool = False) -> dict[str, str]:
@@ -266,8 +267,9 @@ def haproxy_env(port: int, *, local: bool = False) -> dict[str, str]:
     own HTTP server (the flag turns direct ingress on; replicas take ports from 30000): one actor hop fewer than
     the proxy, as with direct ingress, but balanced over every router replica and health-checked. Its files go
     under /tmp/ss-haproxy-PORT, so two servers on one machine keep apart. `local=True` (a Ray started by this
-    process) also gives HAProxy's stats and metrics ports and Serve's fallback proxy free ports, unless this
-    process's environment names them; on a cluster Ray's defaults (8404, 9101, 8500, 9500) stay."""
+    process) also gives HAProxy's stats and metrics ports and Serve's fallback proxy free ports and a stopping
+    router replica 2 s to drain instead of 30, unless this process's environment names them; on a cluster Ray's
+    defaults (8404, 9101, 8500, 9500; 30 s) stay."""
     from pipelines.ray_session import free_port
 
     # Ray's own default is /tmp/haproxy-serve; HAProxy refuses socket paths over 97 characters, and Ray adds a
@@ -281,6 +283,9 @@ def haproxy_env(port: int, *, local: bool = False) -> dict[str, str]:
            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state")}
     if local:
         env.update({var: os.environ.get(var) or str(free_port()) for var in HAPROXY_PORT_VARS})
+        # A stopping router replica stays reachable this long so load balancers deregister it first: 30 s by
+        # default, which every shutdown waited out; the HAProxy on this one node drops it within a second or two.
+        env[DRAIN_VAR] = os.environ.get(DRAIN_VAR) or "2"
     return env
 
 

@@ -19,7 +19,7 @@ import pytest
 from app.errors import ConfigError, UserError
 from pipelines.ray_session import free_port
 import serve_deployments.app as serving
-from serve_deployments.app import (HAPROXY_PORT_VARS, PROXY_ENV, direct_ingress_env, haproxy_env, load_serve_args,
+from serve_deployments.app import (DRAIN_VAR, HAPROXY_PORT_VARS, PROXY_ENV, direct_ingress_env, haproxy_env, load_serve_args,
                                    serving_env, start)
 from tests.serve.test_lm_server import build_tiny_artifact
 
@@ -206,10 +206,11 @@ def test_haproxy_env_keeps_servers_on_one_machine_apart(monkeypatch) -> None:
     files = [k for k in env if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
     assert len(files) == 5 and all(env[k].startswith("/tmp/ss-haproxy-8123") for k in files)
     assert all(env[k] != other[k] for k in files)
-    assert not set(HAPROXY_PORT_VARS) & set(env)  # on a cluster, Ray's default ports
+    assert not {*HAPROXY_PORT_VARS, DRAIN_VAR} & set(env)  # on a cluster, Ray's default ports and drain period
     monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", "9999")  # one a user named stays
     local = serving_env(8123, "haproxy")
     assert local["RAY_SERVE_HAPROXY_METRICS_PORT"] == "9999"
     ports = [int(local[k]) for k in HAPROXY_PORT_VARS]
     assert len(set(ports)) == 4 and all(1024 < p < 65536 for p in ports)
+    assert local[DRAIN_VAR] == "2"  # one node: its HAProxy forgets a stopping replica at once, no 30 s wait
     assert local["RAY_SERVE_PROXY_USE_GRPC"] == "1"  # its fallback proxy calls over gRPC like the default one
