@@ -402,6 +402,8 @@ def deploy(config=None, *, models=None, host: str | None = None, port: int | Non
                 ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
                          log_to_driver=os.environ.get("SCALESTACK_VERBOSE") == "1")
     try:
+        if started and not os.environ.get("RAY_ADDRESS"):  # a cluster's autoscaler may add nodes; this Ray won't
+            serving.check_cpus(args, ray.cluster_resources().get("CPU", 0))
         client = serving.start(args, application, wait_s=wait_s, ingress=ingress)
     except BaseException:
         if started:

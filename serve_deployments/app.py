@@ -9,6 +9,7 @@ the start-up used by `python -m app serve` / `app.deploy(...)` and the small HTT
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import urllib.error
@@ -152,6 +153,29 @@ def router_actor_options(options: dict[str, Any] | None) -> dict[str, Any]:
     runtime_env["env_vars"] = {**ROUTER_ENV, **(runtime_env.get("env_vars") or {})}
     out["runtime_env"] = runtime_env
     return out
+
+
+def cpu_demand(args: ServeArgs) -> float:
+    """Logical CPUs the application's replicas ask for when it starts: every model's starting replicas (fixed, or
+    autoscaling's initial_replicas, else min_replicas) times its num_cpus, plus the router's (Serve's default 1)."""
+    def replicas(m: ModelDeployment) -> int:
+        auto = m.autoscaling_config
+        if auto is None:
+            return m.num_replicas or 1
+        return auto["initial_replicas"] if auto.get("initial_replicas") is not None else auto.get("min_replicas", 1)
+
+    models = sum(replicas(m) * float(m.ray_actor_options.get("num_cpus", 1)) for m in args.models)
+    return models + float((args.router_ray_actor_options or {}).get("num_cpus", 1))
+
+
+def check_cpus(args: ServeArgs, available: float) -> None:
+    """Serve waits, without a word, for replicas no node can place: a Ray with fewer logical CPUs than the
+    application asks for would never answer. Refuse it up front, naming both fixes."""
+    need = cpu_demand(args)
+    if need > available + 1e-9:
+        raise UserError(f"the models and the router ask for {need:g} CPUs (ray_actor_options.num_cpus, 1 each by "
+                        f"default) and this Ray has {available:g}; pass --num-cpus {math.ceil(need)} (logical CPUs "
+                        "may exceed the cores) or give each model a smaller ray_actor_options.num_cpus")
 
 
 # ---- config files: ServeArgs YAML, or Serve's own config (serve_config.yaml) ---------------------------------
