@@ -8,9 +8,8 @@ Every model trains with the project's own trainer (Ray Train + DeepSpeed, `--wor
 teacher preset's data; the student gets the teacher's data, steps and global batch, so (a) and (b) see the same
 tokens. Each specialist is distilled on one domain's data starting from the distilled student (`init_from`); the
 same shape distilled on that domain from scratch, in as many steps, is measured beside it (unless
---no-scratch-specialists). Trained models are kept
-under --out and reused when the script runs again (they are deterministic);
-the measurements at the end are always taken afresh, all in this process: validation loss per domain on the same
+--no-scratch-specialists). Trained models are kept under --out and reused when the script runs again (they are
+deterministic); the measurements at the end are always taken afresh, all in this process: validation loss per domain on the same
 windows, quality retention exp(L_teacher − L_model), and KV-cached greedy decoding tokens/s at batch 1 and 16
 (--speed-rounds interleaved rounds over all models, the best round of each kept).
 Speed depends on shapes, not on what the weights learned, so the speed goals are also measured at the shapes of
