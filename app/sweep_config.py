@@ -127,6 +127,8 @@ class LrRule(StrictModel):
 
     ``preset``: the preset's optim.lr for every size. ``power``: lr = base × (d_ref / d_model)^power (μP-style
     width scaling; power 1 halves the lr when the width doubles). ``table``: an explicit lr per d_model.
+    ``factors`` tunes the lr per point instead of trusting the rule: every shape × budget × seed trains once per
+    factor (lr = rule × factor), and fits keep each point's best run (Chinchilla's and Porian et al.'s practice).
     """
 
     rule: Literal["preset", "power", "table"] = Field(description="How the lr depends on the model size.")
@@ -134,6 +136,20 @@ class LrRule(StrictModel):
     d_ref: int | None = Field(default=None, gt=0, description="power: reference width.")
     power: float | None = Field(default=None, description="power: exponent on d_ref / d_model.")
     table: dict[int, float] | None = Field(default=None, description="table: d_model -> lr.")
+    factors: list[float] = Field(
+        default=[1.0], description="Multipliers of the rule's lr, each trained at every point; a fit keeps each "
+        "point's lowest loss (per-point lr tuning). [1.0]: the rule's lr only.")
+
+    @field_validator("factors")
+    @classmethod
+    def _positive_factors(cls, factors: list[float]) -> list[float]:
+        if not factors:
+            raise ValueError("is empty; list at least one multiplier, e.g. [1.0] (the rule's lr) or [0.5, 1, 2]")
+        if len(set(factors)) != len(factors):
+            raise ValueError(f"has repeated values {factors}; list each once")
+        if any(not f > 0 for f in factors):
+            raise ValueError(f"must be > 0, got {factors}")
+        return factors
 
     @model_validator(mode="after")
     def _fields_match_rule(self) -> "LrRule":
@@ -323,6 +339,7 @@ class TrialSpec:
     flops_per_token: int  # the model's own training FLOPs per token (model.flops_per_token())
     budget: float  # the grid value this trial came from (tokens, tokens per parameter, or FLOPs)
     cfg: TrainConfig
+    lr_factor: float = 1.0  # lr = the rule's lr × this (lr.factors)
 
     @property
     def compute(self) -> float:
@@ -337,7 +354,8 @@ class TrialSpec:
     def row(self) -> dict[str, Any]:
         s = self.shape
         return {"trial": self.name, "n_layer": s.n_layer, "d_model": s.d_model, "n_head": s.n_head,
-                "seed": self.seed, "lr": self.lr, "steps": self.steps, "tokens": self.tokens,
+                "seed": self.seed, "lr": self.lr, "lr_factor": self.lr_factor, "steps": self.steps,
+                "tokens": self.tokens,
                 "n_params": self.n_params, "n_params_total": self.n_params_total,
                 "flops_per_token": self.flops_per_token, "compute": self.compute, "model_flops": self.model_flops,
                 "budget": self.budget}
@@ -356,8 +374,9 @@ def model_size(cfg: TrainConfig) -> tuple[int, int, int]:
 
 def make_trial(sweep: SweepConfig, base: TrainConfig, shape: Shape, seed: int, *, tokens: float | None = None,
                tokens_per_param: float | None = None, flops: float | None = None, index: int = 0,
-               storage: str | None = None, name: str | None = None) -> TrialSpec:
-    """One trial of `sweep` at `shape` with one budget (tokens, tokens per parameter, or FLOPs C = 6ND)."""
+               storage: str | None = None, name: str | None = None, lr_factor: float = 1.0) -> TrialSpec:
+    """One trial of `sweep` at `shape` with one budget (tokens, tokens per parameter, or FLOPs C = 6ND), at
+    `lr_factor` × the lr rule's learning rate."""
     tree = base.model_dump()
     tree["model"].update(n_layer=shape.n_layer, d_model=shape.d_model, n_head=shape.n_head)
     tree["seed"] = seed
@@ -384,7 +403,7 @@ def make_trial(sweep: SweepConfig, base: TrainConfig, shape: Shape, seed: int, *
             raise ConfigError(f"sweep '{sweep.name}': trial {label} has {steps} steps but optim.warmup_steps="
                               f"{warmup}; set warmup_fraction (e.g. 0.1) in the sweep or lower optim.warmup_steps")
     try:
-        lr = sweep.lr.lr_for(shape.d_model, base.optim.lr)
+        lr = sweep.lr.lr_for(shape.d_model, base.optim.lr) * lr_factor
     except ConfigError as err:
         raise ConfigError(f"sweep '{sweep.name}': {err}") from None
     name = name or f"t{index:03d}-{shape.label}-D{steps * per_step}-s{seed}"
@@ -402,7 +421,7 @@ def make_trial(sweep: SweepConfig, base: TrainConfig, shape: Shape, seed: int, *
         raise ConfigError(f"sweep '{sweep.name}': trial {label}: {format_validation_error(err)}") from None
     return TrialSpec(index=index, name=name, shape=shape, seed=seed, lr=lr, steps=steps, warmup_steps=warmup,
                      tokens=steps * per_step, n_params=n_params, n_params_total=n_total, flops_per_token=fpt,
-                     budget=float(budget), cfg=cfg)
+                     budget=float(budget), cfg=cfg, lr_factor=float(lr_factor))
 
 
 def base_config(sweep: SweepConfig, extra_overrides: list[str] | tuple[str, ...] = (), source: str | None = None
@@ -423,13 +442,16 @@ def base_config(sweep: SweepConfig, extra_overrides: list[str] | tuple[str, ...]
 
 def plan_trials(sweep: SweepConfig, extra_overrides: list[str] | tuple[str, ...] = (), *,
                 storage: str | None = None) -> list[TrialSpec]:
-    """Every shape × budget × seed as a TrialSpec, most expensive (model FLOPs) first so that the longest runs
-    start early and the sweep's last round is short. Names are unique and stable for a given sweep."""
+    """Every shape × budget × seed × lr factor as a TrialSpec, most expensive (model FLOPs) first so that the
+    longest runs start early and the sweep's last round is short. Names are unique and stable for a given sweep
+    (`-x<factor>` ends them when lr.factors lists several)."""
     base = base_config(sweep, extra_overrides)
     seeds = sweep.grid.seeds or [base.seed]
     kind = sweep.grid.budget_kind
-    specs = [make_trial(sweep, base, shape, seed, storage=storage, **{kind: budget})
-             for shape in sweep.grid.shapes for budget in sweep.grid.budgets for seed in seeds]
+    factors = sweep.lr.factors
+    specs = [make_trial(sweep, base, shape, seed, storage=storage, lr_factor=factor, **{kind: budget})
+             for shape in sweep.grid.shapes for budget in sweep.grid.budgets for seed in seeds
+             for factor in factors]
     if sweep.grid.min_steps is not None:
         specs = [s for s in specs if s.steps >= sweep.grid.min_steps]
         if not specs:
@@ -439,10 +461,11 @@ def plan_trials(sweep: SweepConfig, extra_overrides: list[str] | tuple[str, ...]
     out = []
     for index, s in enumerate(specs):
         name = f"t{index:03d}-{s.shape.label}-D{s.tokens}-s{s.seed}"
+        name += f"-x{s.lr_factor:g}" if len(factors) > 1 else ""
         out.append(replace(s, index=index, name=name, cfg=s.cfg.model_copy(update={"name": name})))
     seen: dict[tuple, float] = {}
     for t in out:
-        key = (t.shape, t.tokens, t.seed)
+        key = (t.shape, t.tokens, t.seed, t.lr_factor)
         if key in seen:
             raise ConfigError(f"sweep '{sweep.name}': grid.{kind} values {seen[key]:g} and {t.budget:g} give "
                               f"{t.shape.label} the same {t.steps} steps; spread the budgets further apart")

@@ -86,6 +86,17 @@ def backtest(ok, col: str, grid) -> dict:
             "max_error": float(err.max()), "params": {k: float(v) for k, v in law.params.items()}}
 
 
+def target_lr_factor(points, n_params: float, col: str = "n_params") -> float:
+    """The lr factor (lr.factors) to train the target at: the one that won, at the sweep's largest budget it was
+    trained on, for the sweep size nearest `n_params` (the longest runs are the most like the target's). 1.0 for a
+    sweep without factors."""
+    if "lr_factor" not in points.columns:
+        return 1.0
+    nearest = min(points[col].unique(), key=lambda n: abs(math.log(n / n_params)))
+    rows = points[points[col] == nearest]
+    return float(rows.loc[rows["compute"].idxmax(), "lr_factor"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default=str(REPO / "tune_configs" / "scaling_small.yaml"))
@@ -107,6 +118,7 @@ def main() -> int:
     from app.scaling import BESIROGLU_GRID, FLOPS_PER_PARAM_TOKEN, SMALL_GRID, fit_chinchilla, fit_kaplan_c
     from app.sweep_config import base_config, load_sweep, make_trial
     from pipelines import sweep as sweep_pipeline
+    from pipelines.fit_scaling import best_lr
     from pipelines.ray_session import ray_session
 
     if args.quick:
@@ -119,14 +131,15 @@ def main() -> int:
         # 1. the sweep
         result = sweep_pipeline.run(sweep, args.out)
         ok = result.ok
-        if len(ok) < 5:
-            print(f"error: only {len(ok)} trials finished; approach 3 needs 5", file=sys.stderr)
+        points, beaten = best_lr(ok)  # lr.factors: each point's best run is the one fitted
+        if len(points) < 5:
+            print(f"error: only {len(points)} points finished; approach 3 needs 5", file=sys.stderr)
             return 1
 
         # 2. which N to count (a backtest inside the sweep), then fit on C <= C_max
         grid = SMALL_GRID if args.quick else BESIROGLU_GRID
         try:
-            backtests = {name: backtest(ok, col, grid) for name, col in PARAMS.items()}
+            backtests = {name: backtest(points, col, grid) for name, col in PARAMS.items()}
         except ValueError as err:  # too few trials below the largest budget (the smoke sweep)
             print(f"no backtest: {err}", file=sys.stderr)
             backtests = {}
@@ -134,10 +147,10 @@ def main() -> int:
         if params == "auto":
             params = min(backtests, key=lambda k: backtests[k]["mean_error"]) if backtests else "non-embedding"
         col = PARAMS[params]
-        compute = FLOPS_PER_PARAM_TOKEN * ok[col] * ok["tokens"]  # C = 6ND, N counted as the fit counts it
+        compute = FLOPS_PER_PARAM_TOKEN * points[col] * points["tokens"]  # C = 6ND, N counted as the fit counts it
         c_max = args.c_max or float(compute.max())
         in_fit = compute <= c_max * (1 + 1e-9)
-        fitted, held_out = ok[in_fit], ok[~in_fit]
+        fitted, held_out = points[in_fit], points[~in_fit]
         t0 = time.perf_counter()
         law = fit_chinchilla(fitted[col], fitted["tokens"], fitted["val_loss"], grid=grid,
                              n_bootstrap=args.bootstrap, seed=0)
@@ -153,9 +166,11 @@ def main() -> int:
         shape = candidate_shapes(sweep, n_opt, base, params)[0]
         seed = (sweep.grid.seeds or [base.seed])[0]
         n_shape = shape_size(base, shape, params)
+        lr_factor = target_lr_factor(fitted, n_shape, col)
         trial = make_trial(sweep, base, shape, seed, tokens=c_target / (FLOPS_PER_PARAM_TOKEN * n_shape),
-                           storage=str(result.sweep_dir / "extrapolation"),
-                           name=f"target-{shape.label}-C{c_target:.1e}".replace("+", ""))
+                           storage=str(result.sweep_dir / "extrapolation"), lr_factor=lr_factor,
+                           name=f"target-{shape.label}-C{c_target:.1e}".replace("+", "")
+                           + (f"-x{lr_factor:g}" if len(sweep.lr.factors) > 1 else ""))
         n_trial = getattr(trial, col)
         # the trained shape's tokens/s from the FLOP/s the sweep's trials achieved at the sizes around it
         tps = costs.throughput_at(trial.flops_per_token,
@@ -177,7 +192,8 @@ def main() -> int:
         from app.data import read_manifest
 
         epochs = trial.tokens / read_manifest(Path(trial.cfg.data.dir)).tokens("train")
-        print(f"target: {shape.label}, N={n_trial:,} ({params}), D={trial.tokens:,} ({trial.steps:,} steps, "
+        print(f"target: {shape.label}, N={n_trial:,} ({params}), D={trial.tokens:,} ({trial.steps:,} steps, lr "
+              f"{trial.lr:.3g}, "
               f"{epochs:.1f} epochs of the data), C={c_trial:.3g}; planner says "
               f"{planned_wall_s:,.0f} s", file=sys.stderr)
         summary = sweep_pipeline._train_or_reuse(trial.cfg)
@@ -193,11 +209,11 @@ def main() -> int:
             for name, b in backtests.items()]
     rows += [
         ("sweep", f"{sweep.name}: {len(ok)} trials ok, fitted on {len(fitted)} with C ≤ {c_max:.3g} "
-                  f"(C = 6ND, N {params})"),
+                  f"(C = 6ND, N {params})" + (f"; each point's best lr ({beaten} runs beaten)" if beaten else "")),
         ("fit (approach 3)", ", ".join(f"{k}={v:.4g}" for k, v in law.params.items())),
         ("C_target = factor × C_max", f"{c_target:.3g} ({args.factor:g}×)"),
         ("planner N_opt, D_opt", f"{n_opt:,.0f}, {d_opt:,.0f}"),
-        ("trained shape, N, D", f"{shape.label}, {n_trial:,}, {trial.tokens:,}" + (
+        ("trained shape, N, D, lr", f"{shape.label}, {n_trial:,}, {trial.tokens:,}, {trial.lr:.3g}" + (
             f" (non-embedding N {trial.n_params:,}: C = {trial.compute:.3g})" if params != "non-embedding" else "")),
         ("predicted val loss", f"{predicted:.4f} [{lo:.4f}, {hi:.4f}]"),
         ("achieved val loss", f"{achieved:.4f}"),
@@ -223,7 +239,8 @@ def main() -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "quick": args.quick, "sweep": str(args.sweep), "sweep_dir": str(result.sweep_dir),
         "params": params, "params_column": col, "backtests": backtests,
-        "trials_ok": len(ok), "trials_fitted": len(fitted), "c_max": c_max, "factor": args.factor,
+        "trials_ok": len(ok), "runs_beaten_by_another_lr": beaten, "trials_fitted": len(fitted), "c_max": c_max,
+        "factor": args.factor,
         "c_target": c_target, "fit": law.to_json(), "fit_seconds": fit_s,
         "plan": plan.to_dict(), "planned_wall_s": planned_wall_s,
         "target": {**trial.row(), "epochs": epochs},

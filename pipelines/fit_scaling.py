@@ -82,10 +82,25 @@ def read_table(results: Any):
     return frame, str(path)
 
 
+def best_lr(frame, loss: str = "val_loss"):
+    """Per-point lr tuning: of the runs that differ only in learning rate (same shape, tokens and seed; a sweep
+    with lr.factors), keep the lowest-loss one. Returns (kept rows, how many were dropped). A table without an
+    `lr` column, or with one run per point, comes back whole."""
+    keys = [c for c in ("n_layer", "d_model", "n_head", "n_params", "tokens", "seed") if c in frame.columns]
+    if "lr" not in frame.columns or loss not in frame.columns or not keys or frame[loss].isna().any():
+        return frame, 0  # (a missing loss is reported by the caller, row by row)
+    groups = frame.groupby(keys, dropna=False, sort=False)
+    if (groups["lr"].nunique() < groups.size()).any():
+        return frame, 0  # repeats at the same lr are not an lr sweep: fit them all
+    best = frame.loc[frame.index.isin(groups[loss].idxmin())]  # in the table's own row order
+    return best, len(frame) - len(best)
+
+
 def read_runs(results: Any, *, drop_highest_loss: int = 0, n_column: str | None = None) -> RunTable:
     """Read a results table (path to CSV/Parquet, or a DataFrame) into N, D, loss arrays. N comes from
     `n_column` when given (a sweep's n_params_total: every parameter, embeddings included), else from the first
-    parameter column found (a sweep's n_params: non-embedding)."""
+    parameter column found (a sweep's n_params: non-embedding). Runs differing only in learning rate keep their
+    best (`best_lr`)."""
     frame, source = read_table(results)
     dropped = []
     if "status" in frame.columns:
@@ -94,6 +109,10 @@ def read_runs(results: Any, *, drop_highest_loss: int = 0, n_column: str | None 
             dropped.append(f"{int(bad.sum())} run(s) with status other than ok "
                            f"({', '.join(sorted(frame.loc[bad, 'status'].astype(str).unique()))})")
         frame = frame[~bad]
+    frame, beaten = best_lr(frame, _pick(frame, "loss") or "val_loss")
+    if beaten:
+        dropped.append(f"{beaten} run(s) beaten at the same shape, tokens and seed by another learning rate "
+                       "(per-point lr tuning: the best of each point is fitted)")
     n_col, d_col, c_col, loss_col = (_pick(frame, r) for r in ("n", "d", "c", "loss"))
     if n_column is not None:
         if n_column not in frame.columns:

@@ -40,8 +40,8 @@ TRIALS_DIR = "trials"
 # A multi-worker trial's driver only waits on its TorchTrainer; it reserves a little memory instead of a CPU (Tune
 # needs a non-empty resource request), so a trial's CPUs all go to its Train workers.
 TRIAL_DRIVER_MEMORY = 256 * 2**20
-COLUMNS = ["trial", "status", "n_layer", "d_model", "n_head", "seed", "lr", "steps", "tokens", "n_params",
-           "n_params_total", "flops_per_token", "compute", "model_flops", "val_loss", "train_loss",
+COLUMNS = ["trial", "status", "n_layer", "d_model", "n_head", "seed", "lr", "lr_factor", "steps", "tokens",
+           "n_params", "n_params_total", "flops_per_token", "compute", "model_flops", "val_loss", "train_loss",
            "tokens_per_s_per_worker", "wall_s", "budget", "error"]
 
 
@@ -62,6 +62,14 @@ class SweepResult:
         return self.df[self.df["status"] == "ok"]
 
     @property
+    def best(self):
+        """Finished trials, one per point: with lr.factors, each shape × budget × seed's lowest-loss run (what a fit
+        uses); otherwise the same rows as `ok`."""
+        from pipelines.fit_scaling import best_lr
+
+        return best_lr(self.ok)[0]
+
+    @property
     def failed(self):
         return self.df[self.df["status"] != "ok"]
 
@@ -76,13 +84,13 @@ class SweepResult:
         return html_table(["trial", "N", "D", "C", "val_loss", "wall_s", "status"], self.rows())
 
     def plot(self, ax=None):
-        """Validation loss against training compute C = 6ND, one line per model size, finished trials only; on
-        `ax`, or on a new figure's. Returns the Axes."""
+        """Validation loss against training compute C = 6ND, one line per model size, finished trials only (each
+        point's best lr, `best`); on `ax`, or on a new figure's. Returns the Axes."""
         import matplotlib.pyplot as plt
 
         if ax is None:
             _, ax = plt.subplots(figsize=(6, 3.5))
-        for n_params, trials in self.ok.sort_values("compute").groupby("n_params"):
+        for n_params, trials in self.best.sort_values("compute").groupby("n_params"):
             ax.plot(trials["compute"], trials["val_loss"], "o-", label=f"N = {n_params:,.0f}")
         ax.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="validation loss", title=self.name)
         ax.legend()
@@ -231,9 +239,9 @@ def run(sweep: SweepConfig | str | Path, out: str | Path | None = None, *, overr
     (sweep_dir / "sweep.json").write_text(json.dumps(record, indent=2))
 
     grid = sweep.grid
-    left_out = len(grid.shapes) * len(grid.budgets) * len(grid.seeds or [0]) - len(trials)
+    left_out = len(grid.shapes) * len(grid.budgets) * len(grid.seeds or [0]) * len(sweep.lr.factors) - len(trials)
     if left_out:
-        err_console.print(f"sweep {sweep.name}: {left_out} shape × budget pairs left out (fewer than "
+        err_console.print(f"sweep {sweep.name}: {left_out} trials left out (fewer than "
                           f"grid.min_steps={grid.min_steps} steps)")
     err_console.print(f"sweep {sweep.name}: {len(trials)} trials, N {min(t.n_params for t in trials):,}–"
                       f"{max(t.n_params for t in trials):,}, D {min(t.tokens for t in trials):,}–"

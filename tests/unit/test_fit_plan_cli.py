@@ -216,6 +216,33 @@ def test_fit_counts_the_parameters_of_the_column_asked_for():
     assert default.law.residuals().rmse > 1.5 * total.law.residuals().rmse
 
 
+def test_fit_keeps_each_points_best_learning_rate():
+    """A sweep with lr.factors: each point trained at three lrs, the rule's 1× best but some points beaten by 0.5×
+    or 2×. The fit sees each point once, at its lowest loss, and says how many runs it left out."""
+    base = synthetic_results().iloc[:25]
+    base = base.assign(seed=0, lr=1e-3, lr_factor=1.0)
+    rng = np.random.default_rng(1)
+    worse = [base.assign(lr=1e-3 * f, lr_factor=f, val_loss=base["val_loss"] * (1 + rng.uniform(0.01, 0.2, 25)))
+             for f in (0.5, 2.0)]
+    table = pd.concat([*worse, base], ignore_index=True)
+    table.loc[3, "val_loss"] = base.loc[3, "val_loss"] * 0.9  # point 3: 0.5× beats 1×
+    report = app.fit_report(table, bootstrap=0, grid="small", plots=False)
+    assert len(report.runs.loss) == 25
+    expected = np.minimum(base["val_loss"].to_numpy(), table["val_loss"].to_numpy()[:25])
+    assert np.allclose(np.sort(report.runs.loss), np.sort(expected))
+    assert any("50 run(s) beaten at the same shape, tokens and seed by another learning rate" in d
+               for d in report.runs.dropped)
+    p = report.law.params
+    assert (p["E"], p["alpha"]) == pytest.approx((TRUE["E"], TRUE["alpha"]), abs=0.05)  # the worse lrs are gone
+
+    from pipelines.fit_scaling import best_lr
+
+    repeats = pd.concat([base, base.assign(val_loss=base["val_loss"] * 1.01)], ignore_index=True)
+    kept, beaten = best_lr(repeats)  # the same lr twice is a repeat, not an lr sweep: all of it is fitted
+    assert (len(kept), beaten) == (50, 0)
+    assert best_lr(synthetic_results().iloc[:25])[1] == 0  # no lr column: nothing to choose between
+
+
 def test_fit_refuses_a_file_that_is_not_a_results_table(tmp_path):
     (tmp_path / "fit.yaml").write_text("model: [\n")
     result = run_cli("fit", str(tmp_path / "fit.yaml"))

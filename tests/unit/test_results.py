@@ -38,3 +38,12 @@ def test_sweep_result_plots_one_line_per_size_over_finished_trials():
     assert ax.get_xscale() == "log"
     html = result._repr_html_()
     assert html.startswith("<table>") and "<td>d</td>" in html and "<td>error</td>" in html
+
+
+def test_sweep_result_with_lr_factors_plots_and_keeps_each_points_best_lr():
+    df = pd.DataFrame({"trial": ["a-x1", "a-x2", "b-x1", "b-x2"], "n_params": [100] * 4, "tokens": [10, 10, 30, 30],
+                       "seed": 0, "lr": [1e-3, 2e-3, 1e-3, 2e-3], "compute": [6e3, 6e3, 1.8e4, 1.8e4],
+                       "val_loss": [5.0, 4.9, 4.4, 4.6], "wall_s": 1.0, "status": "ok"})
+    result = SweepResult("s", Path("d"), df, Path("r.parquet"), Path("r.csv"), 1.0, False)
+    assert list(result.best["trial"]) == ["a-x2", "b-x1"] and len(result.ok) == 4
+    assert [list(line.get_ydata()) for line in result.plot().get_lines()] == [[4.9, 4.4]]

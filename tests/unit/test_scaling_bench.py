@@ -57,3 +57,15 @@ def test_candidate_shapes_count_the_parameters_they_are_asked_for():
     total = bench.candidate_shapes(sweep, 150_000, base, "total")[0]
     # counting the embeddings, the same N is a smaller model
     assert bench.shape_size(base, total, "non-embedding") < bench.shape_size(base, ne, "non-embedding")
+
+
+def test_the_target_trains_at_the_lr_its_nearest_size_won_with_on_its_longest_runs():
+    points = pd.DataFrame([
+        {"n_params": 100e3, "compute": 3e12, "lr_factor": 2.0},
+        {"n_params": 100e3, "compute": 1e12, "lr_factor": 0.5},
+        {"n_params": 340e3, "compute": 3e12, "lr_factor": 0.5},
+        {"n_params": 340e3, "compute": 6e11, "lr_factor": 1.0},
+    ])
+    assert bench.target_lr_factor(points, 150e3) == 2.0  # 100 K is nearer 150 K (in log) than 340 K
+    assert bench.target_lr_factor(points, 300e3) == 0.5
+    assert bench.target_lr_factor(points.drop(columns="lr_factor"), 150e3) == 1.0  # a sweep without factors

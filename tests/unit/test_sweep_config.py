@@ -82,6 +82,20 @@ def test_lr_table_and_seeds(smoke_tree):
     assert {t.shape.d_model: t.lr for t in trials} == {32: 1e-2, 48: 5e-3, 64: 2e-3}
 
 
+def test_lr_factors_train_every_point_at_each_multiple_of_the_rule(smoke_tree):
+    plain = sweep_with(smoke_tree, lambda tree: None)
+    tuned = sweep_with(smoke_tree, lambda tree: tree["lr"].update(factors=[0.5, 1, 2]))
+    assert len(tuned) == 3 * len(plain) and len({t.name for t in tuned}) == len(tuned)
+    rule = {(t.shape, t.tokens, t.seed): t.lr for t in plain}
+    for t in tuned:
+        assert t.lr == pytest.approx(rule[(t.shape, t.tokens, t.seed)] * t.lr_factor)
+        assert t.cfg.optim.lr == t.lr and t.name.endswith(f"-x{t.lr_factor:g}")
+        assert t.row()["lr_factor"] == t.lr_factor
+    assert {t.lr_factor for t in tuned} == {0.5, 1.0, 2.0}
+    assert all(t.lr_factor == 1.0 and "-x" not in t.name for t in plain)  # old sweep folders keep their names
+    assert load_sweep(REPO / "tune_configs" / "scaling_tuned.yaml").lr.factors == [0.5, 1.0, 2.0]
+
+
 def test_min_steps_leaves_out_trials_too_short_to_converge(smoke_tree):
     every = sweep_with(smoke_tree, lambda tree: None)
     cut = sorted({t.steps for t in every})[1]  # the shortest trials fall below it
@@ -127,6 +141,9 @@ def test_shipped_sweeps_validate():
         (lambda t: t.update(overrides={"model.n_layr": 3}), "unknown config key 'model.n_layr'; did you mean"),
         (lambda t: t["lr"].pop("base"), "sweep key 'lr': rule 'power' needs base"),
         (lambda t: t.update(lr={"rule": "table", "table": {64: 1e-3}}), "lr.table has no entry for d_model=32"),
+        (lambda t: t["lr"].update(factors=[]), "sweep key 'lr.factors' is empty; list at least one multiplier"),
+        (lambda t: t["lr"].update(factors=[1, 0]), "sweep key 'lr.factors' must be > 0, got [1.0, 0.0]"),
+        (lambda t: t["lr"].update(factors=[1, 1.0]), "sweep key 'lr.factors' has repeated values"),
         (lambda t: t.update(max_concurrent=0), "sweep key 'max_concurrent': Input should be greater than or equal"),
         (lambda t: t.pop("max_concurrent"), "sweep key 'max_concurrent' is missing"),
         (lambda t: t["grid"].update(tokens=[100]), "less than one global batch (512 tokens)"),
