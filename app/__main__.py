@@ -503,6 +503,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                         "Serve's Python HTTP proxy (proxy), or the router replica itself (direct; Ray's direct-"
                         "ingress flag). auto (default): haproxy on the Ray started here, else whichever of haproxy "
                         "and proxy the cluster runs")
+    p.add_argument("--start-timeout", type=float, default=600.0, metavar="S",
+                   help="give up (and remove the application) if its replicas are not all running after S seconds, "
+                        "saying what they wait for, e.g. CPUs the cluster lacks (default 600; 0 waits for ever)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -515,7 +518,10 @@ def _serve(args: argparse.Namespace) -> int:
     from serve_deployments.guard import is_loopback
 
     serve_args = load_serve_args(args.config, args.models, args.host, args.port)
-    client = sdk.deploy(serve_args, num_cpus=args.num_cpus, ingress=args.ingress)
+    if args.start_timeout < 0:
+        raise UserError(f"--start-timeout {args.start_timeout:g}: must be >= 0 seconds (0 waits for ever)")
+    client = sdk.deploy(serve_args, num_cpus=args.num_cpus, ingress=args.ingress,
+                        start_timeout_s=args.start_timeout or None)
 
     def stop(signum, frame):  # SIGTERM (`kill`, `ray job stop`, a container stop) shuts down like Ctrl-C
         raise KeyboardInterrupt

@@ -368,7 +368,8 @@ def models(registry: str | None = None):
 
 
 def deploy(config=None, *, models=None, host: str | None = None, port: int | None = None,
-           num_cpus: int | None = None, wait_s: float = 120.0, ingress: str = "auto"):
+           num_cpus: int | None = None, wait_s: float = 120.0, ingress: str = "auto",
+           start_timeout_s: float | None = 600.0):
     """Serve models behind the router on embedded Ray (or the cluster at RAY_ADDRESS) and return a `ServeClient`
     (`.base_url`, `.complete(prompt, **kw)`, `.chat(messages, **kw)`, `.models()`, `.shutdown()`).
 
@@ -379,7 +380,9 @@ def deploy(config=None, *, models=None, host: str | None = None, port: int | Non
     replicas), Serve's HTTP proxy (`ingress="proxy"`) or the router replica itself (`ingress="direct"`, one hop
     fewer, one replica per port). Ray started here gets the flags; a running cluster must have them
     (serve_deployments.app.haproxy_env / direct_ingress_env). The default, `"auto"`, is HAProxy on a Ray started
-    here and whichever of HAProxy and Serve's proxy a running cluster runs; `client.ingress` says which."""
+    here and whichever of HAProxy and Serve's proxy a running cluster runs; `client.ingress` says which. Replicas
+    still not running after `start_timeout_s` (waiting for resources or an autoscaler; None waits for ever) end it
+    with a UserError naming what they wait for, and the application is deleted."""
     import os
 
     import ray
@@ -404,7 +407,7 @@ def deploy(config=None, *, models=None, host: str | None = None, port: int | Non
     try:
         if started and not os.environ.get("RAY_ADDRESS"):  # a cluster's autoscaler may add nodes; this Ray won't
             serving.check_cpus(args, ray.cluster_resources().get("CPU", 0))
-        client = serving.start(args, application, wait_s=wait_s, ingress=ingress)
+        client = serving.start(args, application, wait_s=wait_s, ingress=ingress, start_timeout_s=start_timeout_s)
     except BaseException:
         if started:
             ray.shutdown()

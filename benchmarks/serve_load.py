@@ -193,7 +193,7 @@ def main() -> int:
 
     from app.console import print_table, progress_bar
     from pipelines.ray_session import environ, free_port
-    from serve_deployments.app import APP_NAME, build_app, serving_env
+    from serve_deployments.app import APP_NAME, build_app, direct_ingress_env, serving_env
 
     teacher = args.teacher or default_teacher()
     tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
@@ -213,9 +213,8 @@ def main() -> int:
     serve_args = {"models": models, "port": port, "router_ray_actor_options": quarter,
                   "router": {"cache": {"exact": {"enabled": False}}, "guard": {"rate_per_s": 0}}}
 
-    env = {**serving_env(port, "haproxy"),  # what `python -m app serve --ingress haproxy` runs, and where:
-           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
-           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(min(direct_port + 64, 65535))}
+    # what `python -m app serve --ingress haproxy` runs, with the router replica's own server on direct_port
+    env = {**serving_env(port, "haproxy"), **direct_ingress_env(direct_port)}
     with environ(env):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

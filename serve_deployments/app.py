@@ -257,9 +257,11 @@ def serving_env(port: int, ingress: str = "proxy") -> dict[str, str]:
     """The environment a Ray started here for serving gets: PROXY_ENV, plus `direct_ingress_env(port)` for direct
     and `haproxy_env(port)` (with free ports for HAProxy's stats and metrics and Serve's fallback proxy, unless this
     process's environment names them) for haproxy and auto."""
-    extra = {"direct": lambda: direct_ingress_env(port), "haproxy": lambda: haproxy_env(port, local=True),
-             "auto": lambda: haproxy_env(port, local=True)}
-    return {**PROXY_ENV, **extra.get(ingress, dict)()}
+    if ingress == "direct":
+        return {**PROXY_ENV, **direct_ingress_env(port)}
+    if ingress in ("haproxy", "auto"):
+        return {**PROXY_ENV, **haproxy_env(port, local=True)}
+    return dict(PROXY_ENV)
 
 
 def direct_ingress_env(port: int) -> dict[str, str]:
@@ -327,13 +329,54 @@ def check_ingress(ingress: str) -> None:
         raise ConfigError(f"ingress: expected one of {', '.join(INGRESS)}, got {ingress!r}")
 
 
-def start(args: ServeArgs, application=None, *, wait_s: float = 120.0, ingress: str = "auto") -> ServeClient:
+def run_bounded(application, timeout_s: float | None) -> None:
+    """serve.run with a deadline. Serve's own wait has none and says nothing while a replica waits for resources
+    the cluster lacks (or for an autoscaler that never delivers them): this prints each reason Serve gives while it
+    waits and, past `timeout_s` (None: no deadline), starts deleting the application and raises a one-line
+    UserError with the last reason. A replica that fails to start raises one with Serve's message and the
+    replica's exception."""
+    from ray import serve
+    from ray.serve.api import _run  # serve.run without its unbounded wait (serve.run calls it with _blocking=True)
+
+    from app.console import err_console
+
+    _run(application, _blocking=False, name=APP_NAME, route_prefix="/")
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    said: list[str] = []
+    while True:
+        status = serve.status().applications.get(APP_NAME)
+        state = getattr(status, "status", None)  # ApplicationStatus, a str enum
+        if state == "RUNNING":
+            return
+        if state == "DEPLOY_FAILED":
+            serve.delete(APP_NAME)  # this application only: a shared cluster's other applications stay up
+            reason = (status.message or "a replica failed to start").strip().splitlines()[0][:300]
+            causes = [d.message.strip().splitlines()[-1] for d in status.deployments.values() if d.message]
+            reason += f" ({causes[0][:300]})" if causes else ""  # the replica's exception, its message's last line
+            raise UserError(f"serving did not start: {reason}; replica logs: /tmp/ray/session_latest/logs/serve/")
+        for deployment in (status.deployments.values() if status is not None else ()):
+            if deployment.message and deployment.message not in said:
+                said.append(deployment.message)
+                err_console.print(f"waiting: {deployment.message.strip()}", highlight=False)
+        if deadline is not None and time.monotonic() > deadline:
+            # Not waiting for the deletion: a replica that never started still gets its 20 s shutdown grace.
+            serve.delete(APP_NAME, _blocking=False)
+            reason = said[-1].strip().splitlines()[0] if said else "its replicas were still starting"
+            raise UserError(f"serving did not start within {timeout_s:.0f} s: {reason} (the application is being "
+                            "removed; raise --start-timeout to wait longer)")
+        time.sleep(0.5)
+
+
+def start(args: ServeArgs, application=None, *, wait_s: float = 120.0, ingress: str = "auto",
+          start_timeout_s: float | None = 600.0) -> ServeClient:
     """Run `application` (default build_app(args)) on the connected Ray and wait until /healthz answers on
     args.host:args.port. `ingress="proxy"`: Serve's HTTP proxy listens there (Serve's default). `"direct"`: the
     router replica itself does — Ray must have been started with `direct_ingress_env(args.port)` — and the proxy
     moves to a free port. `"haproxy"`: HAProxy does, forwarding to the router replicas' own servers — Ray must
     have been started with `haproxy_env(args.port)`. `"auto"`: HAProxy or Serve's proxy, whichever this Ray runs.
-    The client's `.ingress` says which one answers."""
+    The client's `.ingress` says which one answers. Replicas not all running within `start_timeout_s` (None: no
+    limit; they wait for resources, an autoscaler or a slow model load) delete the application and raise a one-line
+    UserError saying what Serve was waiting for (`run_bounded`)."""
     from ray import serve
 
     from pipelines.ray_session import free_port
@@ -344,22 +387,14 @@ def start(args: ServeArgs, application=None, *, wait_s: float = 120.0, ingress: 
         raise UserError(f"port {args.port}: already in use on {args.host}; pass a free --port for direct ingress")
     application = application or build_app(args)
     serve.start(http_options={"host": args.host, "port": free_port() if ingress == "direct" else args.port})
-    try:
-        serve.run(application, name=APP_NAME, route_prefix="/")
-    except RuntimeError as err:  # a replica failed to start (unloadable artifact, bad settings, ...)
-        serve.delete(APP_NAME)  # this application only: a shared cluster's other applications stay up
-        reason = str(err).splitlines()[0][:300]
-        raise UserError(f"serving did not start: {reason}; replica logs: /tmp/ray/session_latest/logs/serve/") from None
+    run_bounded(application, start_timeout_s)
     client = ServeClient(f"http://{_client_host(args.host)}:{args.port}")
     client.ingress = ingress
-    if ingress == "proxy":
-        client.wait_ready(wait_s)
-        return client
-    if ingress in ("haproxy", "auto"):
-        client.wait_ready(wait_s)  # HAProxy answers, or on a Ray started without the flag Serve's own proxy does
+    if ingress != "direct":
+        client.wait_ready(wait_s)  # HAProxy answers, or on a Ray started without its flag Serve's own proxy does
         if ingress == "auto":
             client.ingress = "haproxy" if haproxy_running() else "proxy"
-        elif not haproxy_running():
+        elif ingress == "haproxy" and not haproxy_running():
             serve.delete(APP_NAME)
             raise UserError("ingress haproxy: this Ray cluster runs Serve's Python proxy, not HAProxy; start it "
                             "with RAY_SERVE_ENABLE_HA_PROXY=1 in its environment (app.deploy does this when it "
