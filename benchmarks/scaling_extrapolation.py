@@ -110,8 +110,13 @@ def main() -> int:
                         help="the parameter count N the law is fitted on and C = 6ND counts: non-embedding "
                              "(default; Kaplan's, the sweep grid's), total (Chinchilla's: embeddings and the tied "
                              "output head counted once), or auto: whichever backtest predicts better")
+    parser.add_argument("--lr-factor", type=float,
+                        help="train the target at this multiple of the sweep's lr rule instead of the factor the "
+                             "sweep chose (lr.factors: the one its nearest size won on its largest budget)")
     parser.add_argument("--num-cpus", type=int)
     args = parser.parse_args()
+    if args.lr_factor is not None and not args.lr_factor > 0:
+        parser.error(f"--lr-factor {args.lr_factor:g}: must be > 0 (a multiple of the sweep's lr rule, e.g. 1)")
 
     from app import costs
     from app.console import print_table
@@ -166,11 +171,11 @@ def main() -> int:
         shape = candidate_shapes(sweep, n_opt, base, params)[0]
         seed = (sweep.grid.seeds or [base.seed])[0]
         n_shape = shape_size(base, shape, params)
-        lr_factor = target_lr_factor(fitted, n_shape, col)
+        lr_factor = args.lr_factor or target_lr_factor(fitted, n_shape, col)
         trial = make_trial(sweep, base, shape, seed, tokens=c_target / (FLOPS_PER_PARAM_TOKEN * n_shape),
                            storage=str(result.sweep_dir / "extrapolation"), lr_factor=lr_factor,
                            name=f"target-{shape.label}-C{c_target:.1e}".replace("+", "")
-                           + (f"-x{lr_factor:g}" if len(sweep.lr.factors) > 1 else ""))
+                           + (f"-x{lr_factor:g}" if len(sweep.lr.factors) > 1 or args.lr_factor else ""))
         n_trial = getattr(trial, col)
         # the trained shape's tokens/s from the FLOP/s the sweep's trials achieved at the sizes around it
         tps = costs.throughput_at(trial.flops_per_token,
@@ -243,7 +248,7 @@ def main() -> int:
         "factor": args.factor,
         "c_target": c_target, "fit": law.to_json(), "fit_seconds": fit_s,
         "plan": plan.to_dict(), "planned_wall_s": planned_wall_s,
-        "target": {**trial.row(), "epochs": epochs},
+        "target": {**trial.row(), "epochs": epochs, "lr_factor_from": "--lr-factor" if args.lr_factor else "sweep"},
         "predicted_loss": predicted, "predicted_interval": [lo, hi], "achieved_loss": achieved,
         "abs_relative_error": loss_err,
         "kaplan_c": {"fit": kaplan.to_json(), "predicted_loss": k_predicted, "predicted_interval": [k_lo, k_hi],
