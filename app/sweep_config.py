@@ -66,6 +66,17 @@ class Shape(StrictModel):
         return f"L{self.n_layer}-d{self.d_model}-h{self.n_head}"
 
 
+def _distinct(values: list, if_empty: str, positive: bool = True) -> list:
+    """A grid list's checks: not empty (`if_empty` says what to write), no repeats, and all > 0 unless told not."""
+    if not values:
+        raise ValueError(f"is empty; {if_empty}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"has repeated values {values}; list each once")
+    if positive and any(not v > 0 for v in values):
+        raise ValueError(f"must be > 0, got {values}")
+    return values
+
+
 class Grid(StrictModel):
     """What varies between trials: every shape × every budget × every seed is one trial.
 
@@ -97,13 +108,7 @@ class Grid(StrictModel):
     def _non_empty_unique(cls, values: list | None, info) -> list | None:
         if values is None:
             return values
-        if not values:
-            raise ValueError("is empty; list at least one value or leave the key out")
-        if len(set(values)) != len(values):
-            raise ValueError(f"has repeated values {values}; list each once")
-        if info.field_name != "seeds" and any(not v > 0 for v in values):
-            raise ValueError(f"must be > 0, got {values}")
-        return values
+        return _distinct(values, "list at least one value or leave the key out", positive=info.field_name != "seeds")
 
     @model_validator(mode="after")
     def _one_budget(self) -> "Grid":
@@ -143,13 +148,7 @@ class LrRule(StrictModel):
     @field_validator("factors")
     @classmethod
     def _positive_factors(cls, factors: list[float]) -> list[float]:
-        if not factors:
-            raise ValueError("is empty; list at least one multiplier, e.g. [1.0] (the rule's lr) or [0.5, 1, 2]")
-        if len(set(factors)) != len(factors):
-            raise ValueError(f"has repeated values {factors}; list each once")
-        if any(not f > 0 for f in factors):
-            raise ValueError(f"must be > 0, got {factors}")
-        return factors
+        return _distinct(factors, "list at least one multiplier, e.g. [1.0] (the rule's lr) or [0.5, 1, 2]")
 
     @model_validator(mode="after")
     def _fields_match_rule(self) -> "LrRule":
