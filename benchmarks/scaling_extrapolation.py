@@ -72,7 +72,8 @@ def shape_size(base, shape, params: str) -> int:
 
 def backtest(ok, col: str, grid) -> dict:
     """Fit approach 3 (N from column `col`) on every budget but the sweep's largest and predict that budget's
-    trials: mean and max absolute relative error. The target run plays no part in it."""
+    points (each shape × budget's best-lr run): mean and max absolute relative error. The target run plays no part
+    in it."""
     from app.scaling import fit_chinchilla, group_by_compute
 
     compute = ok["compute"].to_numpy()
@@ -209,11 +210,11 @@ def main() -> int:
     wall_err = (planned_wall_s - summary["wall_s"]) / summary["wall_s"]
     productive_s = summary["ledger"]["productive_s"]
     held = [(r.trial, r.val_loss, law.predict(getattr(r, col), r.tokens)[0]) for r in held_out.itertuples()]
-    rows = [(f"backtest, N {name}", f"fit on {b['fitted']} trials below the largest budget, its {b['predicted']}: "
+    rows = [(f"backtest, N {name}", f"fit on {b['fitted']} points below the largest budget, its {b['predicted']}: "
                                     f"mean error {b['mean_error']:.2%} (max {b['max_error']:.2%})")
             for name, b in backtests.items()]
     rows += [
-        ("sweep", f"{sweep.name}: {len(ok)} trials ok, fitted on {len(fitted)} with C ≤ {c_max:.3g} "
+        ("sweep", f"{sweep.name}: {len(ok)} trials ok, fitted on {len(fitted)} points with C ≤ {c_max:.3g} "
                   f"(C = 6ND, N {params})" + (f"; each point's best lr ({beaten} runs beaten)" if beaten else "")),
         ("fit (approach 3)", ", ".join(f"{k}={v:.4g}" for k, v in law.params.items())),
         ("C_target = factor × C_max", f"{c_target:.3g} ({args.factor:g}×)"),
