@@ -517,9 +517,9 @@ def _serve(args: argparse.Namespace) -> int:
     from serve_deployments.app import curl_example, load_serve_args
     from serve_deployments.guard import is_loopback
 
-    serve_args = load_serve_args(args.config, args.models, args.host, args.port)
-    if args.start_timeout < 0:
+    if args.start_timeout < 0:  # before anything is read: a bad flag is named whatever else is wrong
         raise UserError(f"--start-timeout {args.start_timeout:g}: must be >= 0 seconds (0 waits for ever)")
+    serve_args = load_serve_args(args.config, args.models, args.host, args.port)
     client = sdk.deploy(serve_args, num_cpus=args.num_cpus, ingress=args.ingress,
                         start_timeout_s=args.start_timeout or None)
 

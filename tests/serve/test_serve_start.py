@@ -85,6 +85,6 @@ def test_unplaceable_replicas_end_at_the_start_timeout_and_leave_nothing_behind(
 def test_start_timeout_flag_is_checked(tmp_path) -> None:
     from tests.conftest import run_cli
 
-    result = run_cli("serve", "--model", f"tiny={tmp_path}", "--start-timeout", "-1")
+    result = run_cli("serve", "--model", f"tiny={tmp_path / 'missing'}", "--start-timeout", "-1")
     assert result.returncode == 1
     assert result.stderr.strip() == "error: --start-timeout -1: must be >= 0 seconds (0 waits for ever)"
