@@ -98,26 +98,26 @@ def test_lr_factors_train_every_point_at_each_multiple_of_the_rule(smoke_tree):
 
 
 def test_shipped_scaling_sweeps_share_data_shapes_and_validation_set():
-    """scaling_small, scaling_tuned and scaling_b512 differ in budgets, lr factors and batch only: the same data, the
+    """scaling_small, scaling_tuned and scaling_b1k differ in budgets, lr factors and batch only: the same data, the
     same shapes and the same 128 validation windows, so their losses compare directly."""
     sweeps = {name: load_sweep(REPO / "tune_configs" / f"{name}.yaml")
-              for name in ("scaling_small", "scaling_tuned", "scaling_b512")}
+              for name in ("scaling_small", "scaling_tuned", "scaling_b1k")}
     plans = {name: plan_trials(sweep) for name, sweep in sweeps.items()}
     windows = {name: {(t.cfg.eval_batches * t.cfg.parallel.micro_batch, t.cfg.model.seq_len) for t in trials}
                for name, trials in plans.items()}
     assert all(w == {(128, 128)} for w in windows.values()), windows
     assert len({tuple(s.grid.shapes) for s in sweeps.values()}) == 1
     assert len({(t.cfg.data.dir, tuple(t.cfg.data.sources)) for trials in plans.values() for t in trials}) == 1
-    b512 = plans["scaling_b512"]
-    assert {t.cfg.parallel.global_batch * t.cfg.model.seq_len for t in b512} == {512}
-    assert len(b512) == 51 and min(t.steps for t in b512) >= 800
-    assert {t.lr_factor for t in b512} == {1.0, 2.0, 4.0}
-    # scaling_tuned's shape × budget points (those with 800 steps at the smaller batch), at 4× the optimizer steps
+    b1k = plans["scaling_b1k"]
+    assert {t.cfg.parallel.global_batch * t.cfg.model.seq_len for t in b1k} == {1024}
+    assert len(b1k) == 51 and min(t.steps for t in b1k) >= 400
+    assert {t.lr_factor for t in b1k} == {0.5, 1.0, 2.0}
+    # scaling_tuned's shape × budget points, each at twice the optimizer steps
     tuned = {(t.shape, t.budget): t for t in plans["scaling_tuned"] if t.lr_factor == 1.0}
-    points = {(t.shape, t.budget): t for t in b512 if t.lr_factor == 1.0}
-    assert points.keys() == {key for key, t in tuned.items() if 4 * t.steps >= 800}
+    points = {(t.shape, t.budget): t for t in b1k if t.lr_factor == 1.0}
+    assert points.keys() == tuned.keys()
     for key, t in points.items():
-        assert t.tokens == t.steps * 512 == pytest.approx(tuned[key].tokens, abs=2048)  # D rounded to whole steps
+        assert t.tokens == t.steps * 1024 == pytest.approx(tuned[key].tokens, abs=2048)  # D rounded to whole steps
 
 def test_min_steps_leaves_out_trials_too_short_to_converge(smoke_tree):
     every = sweep_with(smoke_tree, lambda tree: None)
