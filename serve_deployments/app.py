@@ -334,13 +334,27 @@ def run_bounded(application, timeout_s: float | None) -> None:
     the cluster lacks (or for an autoscaler that never delivers them): this prints each reason Serve gives while it
     waits and, past `timeout_s` (None: no deadline), starts deleting the application and raises a one-line
     UserError with the last reason. A replica that fails to start raises one with Serve's message and the
-    replica's exception."""
+    replica's exception. Interrupted while waiting (Ctrl-C, or SIGTERM from `kill` or `ray job stop`), it starts
+    deleting the application and lets the interrupt go on."""
     from ray import serve
     from ray.serve.api import _run  # serve.run without its unbounded wait (serve.run calls it with _blocking=True)
 
     from app.console import err_console
 
     _run(application, _blocking=False, name=APP_NAME, route_prefix="/")
+    try:
+        _wait_running(timeout_s)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM: Ray's driver handler raises SystemExit
+        serve.delete(APP_NAME, _blocking=False)  # not left starting on a cluster that outlives this process
+        err_console.print("interrupted while serving started: the application is being removed", highlight=False)
+        raise
+
+
+def _wait_running(timeout_s: float | None) -> None:
+    from ray import serve
+
+    from app.console import err_console
+
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     said: list[str] = []
     while True:
