@@ -444,7 +444,9 @@ class ScalingFit:
         """Bootstrap standard errors (std of the resampled estimates); empty without a bootstrap."""
         if self.bootstrap_params is None:
             return {}
-        return {k: float(s) for k, s in zip(CHINCHILLA_PARAMS, self.bootstrap_params.std(axis=0, ddof=1))}
+        with np.errstate(over="ignore"):  # a resample that ran off to A ~ 1e200 has an infinite spread: inf, said so
+            std = self.bootstrap_params.std(axis=0, ddof=1)
+        return {k: float(s) for k, s in zip(CHINCHILLA_PARAMS, std)}
 
     # ---- predictions -----------------------------------------------------------------------------------------
     def predict(self, n: Any, d: Any) -> tuple[Any, Any, Any]:

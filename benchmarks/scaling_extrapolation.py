@@ -121,6 +121,7 @@ def main() -> int:
 
     from app import costs
     from app.console import print_table
+    from app.jsonsafe import finite
     from app.scaling import BESIROGLU_GRID, FLOPS_PER_PARAM_TOKEN, SMALL_GRID, fit_chinchilla, fit_kaplan_c
     from app.sweep_config import base_config, load_sweep, make_trial
     from pipelines import sweep as sweep_pipeline
@@ -240,7 +241,7 @@ def main() -> int:
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"scaling_extrapolation{'_quick' if args.quick else ''}.json"
-    path.write_text(json.dumps({
+    path.write_text(json.dumps(finite({
         "date": datetime.date.today().isoformat(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "quick": args.quick, "sweep": str(args.sweep), "sweep_dir": str(result.sweep_dir),
@@ -258,7 +259,7 @@ def main() -> int:
         "wall_time_relative_error": wall_err,
         "held_out": [{"trial": n, "loss": loss, "predicted": p} for n, loss, p in held],
         "benchmark_seconds": time.perf_counter() - t_begin,
-    }, indent=2, default=float))
+    }), indent=2, default=float, allow_nan=False))  # strict JSON: an infinite bootstrap spread becomes null
     print(f"wrote {path}")
     return 0
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from app import scaling
-from app.scaling import SMALL_GRID, ScalingFit, fit_chinchilla
+from app.scaling import CHINCHILLA_PARAMS, SMALL_GRID, ScalingFit, fit_chinchilla
 
 TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Hoffmann et al. 2022, eq. 10
 REPO = Path(__file__).resolve().parents[2]
@@ -362,6 +362,24 @@ def test_json_round_trip_keeps_parameters_intervals_and_predictions(noisy_fit):
     assert again.predict(7e10, 1.4e12) == pytest.approx(noisy_fit.predict(7e10, 1.4e12), rel=1e-12)
     assert again.frontier(1e22) == pytest.approx(noisy_fit.frontier(1e22), rel=1e-12)
 
+
+
+def test_a_runaway_resample_gives_an_infinite_standard_error_without_a_warning(noisy_fit):
+    """One bootstrap resample at A ~ 1e200 (a flat direction of the loss surface) overflows the variance: se says
+    inf, quietly, and the strict-JSON writers (app.jsonsafe.finite) turn it into null."""
+    import warnings
+    from dataclasses import replace
+
+    from app.jsonsafe import finite
+
+    boot = noisy_fit.bootstrap_params.copy()
+    boot[0, CHINCHILLA_PARAMS.index("A")] = 1e200
+    runaway = replace(noisy_fit, bootstrap_params=boot)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        se = runaway.se
+    assert se["A"] == float("inf") and all(np.isfinite(se[k]) for k in CHINCHILLA_PARAMS if k != "A")
+    assert json.loads(json.dumps(finite(runaway.to_json()), allow_nan=False))["se"]["A"] is None
 
 def test_plot_writes_three_non_empty_pngs(noisy_fit, tmp_path):
     paths = noisy_fit.plot(tmp_path / "plots")
