@@ -62,7 +62,6 @@ def test_run_bounded_says_what_serve_waits_for_and_gives_up_at_the_deadline(monk
     serving.run_bounded(object(), timeout_s=None)  # returns once running
 
 
-
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])  # Ctrl-C; SIGTERM under Ray's handler
 def test_an_interrupted_start_removes_the_application(monkeypatch, capsys, interrupt) -> None:
     from ray import serve
@@ -79,6 +78,7 @@ def test_an_interrupted_start_removes_the_application(monkeypatch, capsys, inter
         serving.run_bounded(object(), timeout_s=60)
     assert calls == [("run", "scalestack", False), ("delete", "scalestack", False)]
     assert "interrupted while serving started: the application is being removed" in capsys.readouterr().err
+
 
 def test_unplaceable_replicas_end_at_the_start_timeout_and_leave_nothing_behind(ray_local, artifact) -> None:
     """A model asking for more CPUs than the session Ray has: app.deploy gives up after start_timeout_s with the

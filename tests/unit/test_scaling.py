@@ -363,7 +363,6 @@ def test_json_round_trip_keeps_parameters_intervals_and_predictions(noisy_fit):
     assert again.frontier(1e22) == pytest.approx(noisy_fit.frontier(1e22), rel=1e-12)
 
 
-
 def test_a_runaway_resample_gives_an_infinite_standard_error_without_a_warning(noisy_fit):
     """One bootstrap resample at A ~ 1e200 (a flat direction of the loss surface) overflows the variance: se says
     inf, quietly, and the strict-JSON writers (app.jsonsafe.finite) turn it into null."""
@@ -380,6 +379,7 @@ def test_a_runaway_resample_gives_an_infinite_standard_error_without_a_warning(n
         se = runaway.se
     assert se["A"] == float("inf") and all(np.isfinite(se[k]) for k in CHINCHILLA_PARAMS if k != "A")
     assert json.loads(json.dumps(finite(runaway.to_json()), allow_nan=False))["se"]["A"] is None
+
 
 def test_plot_writes_three_non_empty_pngs(noisy_fit, tmp_path):
     paths = noisy_fit.plot(tmp_path / "plots")

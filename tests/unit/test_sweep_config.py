@@ -96,7 +96,6 @@ def test_lr_factors_train_every_point_at_each_multiple_of_the_rule(smoke_tree):
     assert load_sweep(REPO / "tune_configs" / "scaling_tuned.yaml").lr.factors == [0.5, 1.0, 2.0]
 
 
-
 def test_shipped_scaling_sweeps_share_data_shapes_and_validation_set():
     """scaling_small, scaling_tuned and scaling_b1k differ in budgets, lr factors and batch only: the same data, the
     same shapes and the same 128 validation windows, so their losses compare directly."""
@@ -118,6 +117,7 @@ def test_shipped_scaling_sweeps_share_data_shapes_and_validation_set():
     assert points.keys() == tuned.keys()
     for key, t in points.items():
         assert t.tokens == t.steps * 1024 == pytest.approx(tuned[key].tokens, abs=2048)  # D rounded to whole steps
+
 
 def test_min_steps_leaves_out_trials_too_short_to_converge(smoke_tree):
     every = sweep_with(smoke_tree, lambda tree: None)
