@@ -200,8 +200,7 @@ def main() -> int:
 
         epochs = trial.tokens / read_manifest(Path(trial.cfg.data.dir)).tokens("train")
         print(f"target: {shape.label}, N={n_trial:,} ({params}), D={trial.tokens:,} ({trial.steps:,} steps, lr "
-              f"{trial.lr:.3g}, "
-              f"{epochs:.1f} epochs of the data), C={c_trial:.3g}; planner says "
+              f"{trial.lr:.3g}, {epochs:.1f} epochs of the data), C={c_trial:.3g}; planner says "
               f"{planned_wall_s:,.0f} s", file=sys.stderr)
         summary = sweep_pipeline._train_or_reuse(trial.cfg)
 
@@ -246,7 +245,7 @@ def main() -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "quick": args.quick, "sweep": str(args.sweep), "sweep_dir": str(result.sweep_dir),
         "params": params, "params_column": col, "backtests": backtests,
-        "trials_ok": len(ok), "runs_beaten_by_another_lr": beaten, "trials_fitted": len(fitted), "c_max": c_max,
+        "trials_ok": len(ok), "runs_beaten_by_another_lr": beaten, "points_fitted": len(fitted), "c_max": c_max,
         "factor": args.factor,
         "c_target": c_target, "fit": law.to_json(), "fit_seconds": fit_s,
         "plan": plan.to_dict(), "planned_wall_s": planned_wall_s,
