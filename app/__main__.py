@@ -223,6 +223,13 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="folder for fit.json and PNGs (default: fit/ in a sweep folder, else "
                                  "runs/fits/NAME)")
     p.add_argument("--no-plots", action="store_true", help="write fit.json only")
+    p.add_argument("--rerun-noise", type=float, metavar="SIGMA",
+                   help="also check how far each prediction would move if the sweep were run again with this "
+                        "relative loss spread per run (between seeds, e.g. 0.007): the law taken as exact, "
+                        "--reruns simulated sweeps refitted; without --predict-n/-d, at the compute-optimal size "
+                        "for 10x the largest run's compute")
+    p.add_argument("--reruns", type=int, metavar="K",
+                   help="simulated sweeps of --rerun-noise (default 200)")
 
 
 def _interval(lo: float, hi: float) -> str:
@@ -240,11 +247,14 @@ def _fit(args: argparse.Namespace) -> int:
     if len(args.predict_n) != len(args.predict_d):
         raise FitError(f"got {len(args.predict_n)} --predict-n and {len(args.predict_d)} --predict-d; "
                        "give them in pairs")
+    if args.reruns is not None and args.rerun_noise is None:
+        raise FitError("--reruns sets how many sweeps --rerun-noise simulates; add --rerun-noise SIGMA (e.g. 0.007)")
     out = args.out or default_out(args.results)
     report = sdk.fit_report(args.results, out=out, bootstrap=args.bootstrap, seed=args.seed,
                             predict=list(zip(args.predict_n, args.predict_d)), grid=args.grid,
                             drop_highest_loss=args.drop_highest_loss, plots=not args.no_plots,
-                            n_column=args.n_column)
+                            n_column=args.n_column, rerun_noise=args.rerun_noise,
+                            reruns=200 if args.reruns is None else args.reruns)
     law = report.law
     level = f"{law.ci_level:.0%}"
     rows = [(k, v, _interval(lo, hi), "" if math.isnan(se) else se)
@@ -276,6 +286,14 @@ def _fit(args: argparse.Namespace) -> int:
             loss, lo, hi = law.predict(n_val, d_val)
             preds.append((f"{n_val:.3g}", f"{d_val:.3g}", loss, _interval(lo, hi)))
         print_table("predictions", ["N", "D", "loss", f"{level} interval"], preds)
+    if report.rerun_checks:
+        first = report.rerun_checks[0]
+        print_table(f"re-run check: loss ±{first.noise:.2%} per run, {first.errors.size} sweeps",
+                    ["N", "D", "median |error|", "90th pct", f"within {first.tolerance:.0%}"],
+                    [(f"{c.n:.3g}", f"{c.d:.3g}", f"{c.median_abs_error:.2%}", f"{c.p90_abs_error:.2%}",
+                      f"{c.within:.0%}") for c in report.rerun_checks])
+        print("re-run check: the law taken as exact, how far a refit of the same runs with fresh noise predicts "
+              "from it" + ("" if report.predictions else ", at N_opt, D_opt for 10× the largest run's compute"))
     for note in report.runs.dropped:
         print(f"left out: {note}")
     for warning in law.warnings:

@@ -304,23 +304,35 @@ def _fit_resamples(
     from each of ``starts``; returns the best parameter row per resample, shape (n_resamples, P)."""
     n_points = log_loss.shape[0]
     idx = np.random.default_rng(seed).integers(0, n_points, size=(n_resamples, n_points))
-    out = np.empty((n_resamples, starts.shape[1]))
+    return _fit_datasets(starts, log_x, log_loss[idx], idx, delta, has_const, optimizer)
+
+
+def _fit_datasets(
+    starts: np.ndarray, log_x: np.ndarray, log_losses: np.ndarray, idx: np.ndarray, delta: float, has_const: bool,
+    optimizer: Optimizer,
+) -> np.ndarray:
+    """Refit many data sets from each of ``starts``: data set r is the points ``idx[r]`` of log_x (k, n) with the
+    log losses ``log_losses[r]`` (a bootstrap resample, or the same points with simulated losses). Returns the
+    best parameter row per data set, shape (n_sets, P)."""
+    n_sets, n_points = idx.shape
+    out = np.empty((n_sets, starts.shape[1]))
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         if optimizer == "scipy":
-            for r in range(n_resamples):
-                lx, ll = log_x[None, :, idx[r]], log_loss[None, idx[r]]
+            for r in range(n_sets):
+                lx, ll = log_x[None, :, idx[r]], log_losses[None, r]
                 ends = [_lbfgsb(x0, lx, ll, delta, has_const) for x0 in starts]
                 out[r] = min(ends, key=lambda e: e[1])[0]
             return out
         n_starts, n_terms = len(starts), log_x.shape[0] + has_const
-        per_chunk = max(1, _chunks(n_resamples * n_starts, n_points, n_terms)[0].stop // n_starts)
-        for first in range(0, n_resamples, per_chunk):
-            res = np.arange(first, min(first + per_chunk, n_resamples))
-            sample = np.repeat(idx[res], n_starts, axis=0)  # row = (resample, start), resample-major
+        per_chunk = max(1, _chunks(n_sets * n_starts, n_points, n_terms)[0].stop // n_starts)
+        for first in range(0, n_sets, per_chunk):
+            sets = np.arange(first, min(first + per_chunk, n_sets))
+            sample = np.repeat(idx[sets], n_starts, axis=0)  # row = (data set, start), data-set-major
             lx = np.stack([log_x[j][sample] for j in range(log_x.shape[0])], axis=1)
-            X, F = _bfgs(np.tile(starts, (len(res), 1)), lx, log_loss[sample], delta, has_const)
-            F = np.where(np.isfinite(F), F, np.inf).reshape(len(res), n_starts)
-            out[res] = X.reshape(len(res), n_starts, -1)[np.arange(len(res)), np.argmin(F, axis=1)]
+            ll = np.repeat(log_losses[sets], n_starts, axis=0)
+            X, F = _bfgs(np.tile(starts, (len(sets), 1)), lx, ll, delta, has_const)
+            F = np.where(np.isfinite(F), F, np.inf).reshape(len(sets), n_starts)
+            out[sets] = X.reshape(len(sets), n_starts, -1)[np.arange(len(sets)), np.argmin(F, axis=1)]
     return out
 
 
@@ -369,6 +381,38 @@ class Residuals:
 
     def to_dict(self) -> dict[str, float]:
         return {"rmse": self.rmse, "max_abs": self.max_abs, "mean": self.mean, "n_points": int(self.log_residuals.size)}
+
+
+@dataclass(frozen=True)
+class RerunCheck:
+    """How far the prediction at (n, d) moves when the sweep is run again: the fitted law taken as exact, each run's
+    final loss redrawn with relative noise ``noise`` (the spread between seeds), the law refitted, and the refit's
+    prediction compared with the law's own. A parametric bootstrap of the sweep's design: it measures what the
+    per-run noise alone does to an extrapolation, not whether the law's form is right."""
+
+    n: float
+    d: float
+    noise: float  # standard deviation of ln L per run (≈ relative standard deviation of the loss)
+    tolerance: float  # an |error| counted as "within" (the benchmark's goal: 0.02)
+    errors: np.ndarray = field(repr=False)  # (simulations,) relative errors (refit - law) / law at (n, d)
+
+    @property
+    def median_abs_error(self) -> float:
+        return float(np.median(np.abs(self.errors)))
+
+    @property
+    def p90_abs_error(self) -> float:
+        return float(np.percentile(np.abs(self.errors), 90))
+
+    @property
+    def within(self) -> float:
+        """The fraction of simulated sweeps whose prediction lands within ``tolerance`` of the law's."""
+        return float(np.mean(np.abs(self.errors) <= self.tolerance))
+
+    def to_dict(self) -> dict[str, float]:
+        return {"n": self.n, "d": self.d, "noise": self.noise, "simulations": int(self.errors.size),
+                "median_abs_error": self.median_abs_error, "p90_abs_error": self.p90_abs_error,
+                "mean_error": float(np.mean(self.errors)), "tolerance": self.tolerance, "within": self.within}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -515,6 +559,42 @@ class ScalingFit:
             out.append(f"{self.n_points} runs for 5 parameters: intervals and extrapolations are fragile; "
                        f"{MIN_RUNS} or more runs spread over N and D are better")
         return out
+
+    def rerun_check(self, n: float, d: float, *, noise: float, simulations: int = 200, seed: int = 0,
+                    tolerance: float = 0.02, grid: InitGrid | None = None) -> RerunCheck:
+        """If this law were exact and every fitted run were trained again with per-run loss noise ``noise`` (the
+        relative standard deviation seeds give, e.g. 0.007), how far would the refit predict (n, d) from here?
+
+        Each of ``simulations`` sweeps draws ln L_i = ln L(N_i, D_i) + noise · z_i at the fitted runs' N and D
+        (``seed`` fixes the draws) and refits from this fit's optimum plus ``grid`` (default SMALL_GRID, so other
+        basins stay reachable; on scaling_b1k's 17 runs the 5,400-start grid gave the same errors, 60× slower). A
+        wide spread says the sweep's design cannot pin the prediction down at this noise: more seeds per point
+        (noise / sqrt(k) for k seeds) or runs spread further in N and D are the remedies; re-check with those.
+        """
+        if not self.n.size:
+            raise ValueError("rerun_check needs the fitted runs (N, D, loss): a fit from fit_chinchilla or from a "
+                             "fit.json written by `python -m app fit`, not the published constants")
+        if not (math.isfinite(noise) and 0 < noise < 1):
+            raise ValueError(f"noise must be in (0, 1): the relative standard deviation of a run's final loss "
+                             f"between seeds (e.g. 0.007), got {noise:g}")
+        if simulations < 2:
+            raise ValueError(f"simulations must be >= 2, got {simulations}")
+        if not (n > 0 and d > 0):
+            raise ValueError(f"rerun_check: N and D must be > 0, got N={n:g}, D={d:g}")
+        if not 0 < tolerance < 1:
+            raise ValueError(f"tolerance must be in (0, 1), got {tolerance:g}")
+        exact = np.log(_chinchilla_loss(self.param_vector, self.n, self.d)[0])
+        draws = exact + noise * np.random.default_rng(seed).standard_normal((simulations, exact.size))
+        x = self.param_vector
+        own = np.array([math.log(x[1]), math.log(x[2]), math.log(x[0]), x[3], x[4]])  # (a, b, e, alpha, beta)
+        starts = np.vstack([own[None, :], (grid or SMALL_GRID).points()])
+        log_x = np.vstack([np.log(self.n), np.log(self.d)])
+        idx = np.broadcast_to(np.arange(exact.size), draws.shape)
+        refits = _natural(_fit_datasets(starts, log_x, draws, idx, self.huber_delta, True, "batched"))
+        with np.errstate(over="ignore", invalid="ignore"):
+            predicted = _chinchilla_loss(refits, np.asarray(n, dtype=float), np.asarray(d, dtype=float))
+        law = float(_chinchilla_loss(x, np.asarray(n, dtype=float), np.asarray(d, dtype=float))[0])
+        return RerunCheck(float(n), float(d), float(noise), float(tolerance), (predicted - law) / law)
 
     def extrapolation(self, compute: float) -> float:
         """How many times the largest fitted run's compute (6ND) `compute` is; NaN without data."""

@@ -27,6 +27,7 @@ from app.scaling import (
     SMALL_GRID,
     IsoFlopFit,
     PowerLawFit,
+    RerunCheck,
     ScalingFit,
     fit_chinchilla,
     fit_isoflop,
@@ -176,6 +177,7 @@ class FitReport:
     runs: RunTable
     predictions: list[tuple[float, float]]
     files: list[Path] = field(default_factory=list)
+    rerun_checks: list[RerunCheck] = field(default_factory=list)  # --rerun-noise: at each prediction point
 
     def to_json(self) -> dict[str, Any]:
         """fit.json: approach 3's keys at the top level (form, params, ci, n_points, predictions, ...), then
@@ -189,6 +191,7 @@ class FitReport:
             "kaplan_c": self.kaplan_c.to_json() if self.kaplan_c else None,
             "isoflop": self.isoflop.to_json() if self.isoflop else None,
             "not_fitted": self.notes,
+            "rerun_check": [c.to_dict() for c in self.rerun_checks] or None,
         })
         return out
 
@@ -219,12 +222,23 @@ def run(
     rel_tol: float = 0.2,
     plots: bool = True,
     n_column: str | None = None,
+    rerun_noise: float | None = None,
+    reruns: int = 200,
 ) -> FitReport:
-    """Fit the runs in `results`; with `out`, write fit.json and the PNGs there (see module docstring)."""
+    """Fit the runs in `results`; with `out`, write fit.json and the PNGs there (see module docstring).
+
+    With `rerun_noise` (the relative spread of a run's loss between seeds, e.g. 0.007), also check how far the
+    prediction would move if the sweep were run again (`ScalingFit.rerun_check`, `reruns` simulated sweeps) at each
+    `predict` point, or without any at the compute-optimal size for 10× the largest run's compute."""
     if grid not in GRIDS:
         raise FitError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     if bootstrap < 0:
         raise FitError(f"--bootstrap must be >= 0, got {bootstrap}")
+    if rerun_noise is not None and not (math.isfinite(rerun_noise) and 0 < rerun_noise < 1):
+        raise FitError(f"--rerun-noise {rerun_noise:g}: the relative spread of a run's final loss between seeds, "
+                       "in (0, 1), e.g. 0.007 (re-train a few points at other seeds to measure it)")
+    if reruns < 2:
+        raise FitError(f"--reruns must be >= 2 simulated sweeps, got {reruns}")
     runs = read_runs(results, drop_highest_loss=drop_highest_loss, n_column=n_column)
     for n_val, d_val in predict:
         if not (n_val > 0 and d_val > 0):
@@ -242,6 +256,9 @@ def run(
                                                                       runs.loss, n_bootstrap=kaplan_boot, seed=seed))
     isoflop = _fit_or_note(notes, "isoflop", lambda: fit_isoflop(runs.n, runs.d, runs.loss, rel_tol=rel_tol))
     report = FitReport(law, kaplan_n, kaplan_c, isoflop, notes, runs, [tuple(map(float, p)) for p in predict])
+    if rerun_noise is not None:
+        report.rerun_checks = [law.rerun_check(n_val, d_val, noise=rerun_noise, simulations=reruns, seed=seed)
+                               for n_val, d_val in (report.predictions or [ten_x_point(law)])]
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -250,6 +267,12 @@ def run(
         if plots:
             report.files.extend(law.plot(out, rel_tol=rel_tol))
     return report
+
+
+def ten_x_point(law: ScalingFit) -> tuple[float, float]:
+    """(N_opt, D_opt) for 10× the largest fitted run's compute 6ND: where the extrapolation benchmark trains."""
+    n_opt, d_opt, _ = law.frontier(10.0 * float((FLOPS_PER_PARAM_TOKEN * law.n * law.d).max()))
+    return float(n_opt), float(d_opt)
 
 
 def default_out(results: Any) -> Path | None:

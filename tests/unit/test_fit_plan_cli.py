@@ -178,6 +178,9 @@ def test_plan_cli_wall_time_from_a_sweeps_measured_throughput(fitted, tmp_path):
         (25, ["--predict-n", "1e9"], "got 1 --predict-n and 0 --predict-d; give them in pairs"),
         (25, ["--drop-highest-loss", "30"], "--drop-highest-loss 30: must be between 0 and 24"),
         (25, ["--n-column", "n_params_total"], "--n-column 'n_params_total' is not a column; columns are trial,"),
+        (25, ["--rerun-noise", "0"], "--rerun-noise 0: the relative spread of a run's final loss between seeds"),
+        (25, ["--reruns", "5"], "--reruns sets how many sweeps --rerun-noise simulates; add --rerun-noise"),
+        (25, ["--rerun-noise", "0.01", "--reruns", "1"], "--reruns must be >= 2 simulated sweeps, got 1"),
     ],
 )
 def test_fit_cli_mistakes_are_one_line(tmp_path, rows, args, message):
@@ -197,6 +200,36 @@ def test_fit_cli_mistakes_are_one_line(tmp_path, rows, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_fit_cli_rerun_check_at_the_ten_x_point_and_at_each_prediction(tmp_path):
+    csv = tmp_path / "results.csv"
+    synthetic_results().to_csv(csv, index=False)
+    common = ("fit", str(csv), "--bootstrap", "0", "--grid", "small", "--no-plots", "--rerun-noise", "0.005",
+              "--reruns", "30")
+    result = run_cli(*common, "--out", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    fit = json.loads((tmp_path / "a" / "fit.json").read_text())
+    (check,) = fit["rerun_check"]
+    law = ScalingFit.from_json(fit)
+    n_opt, d_opt, _ = law.frontier(10 * max(6 * n * d for n, d in zip(law.n, law.d)))
+    assert (check["n"], check["d"]) == pytest.approx((n_opt, d_opt), rel=1e-9)
+    assert check["simulations"] == 30 and check["noise"] == 0.005
+    assert 0 < check["median_abs_error"] <= check["p90_abs_error"] and 0 <= check["within"] <= 1
+    assert "re-run check: loss ±0.50% per run, 30 sweeps" in result.stdout
+    assert "at N_opt, D_opt for 10× the largest run's compute" in result.stdout
+
+    points = run_cli(*common, "--predict-n", "1e9", "--predict-d", "1e10", "--predict-n", "1e11",
+                     "--predict-d", "2e12", "--out", str(tmp_path / "b"))
+    assert points.returncode == 0, points.stderr
+    near, far = json.loads((tmp_path / "b" / "fit.json").read_text())["rerun_check"]
+    assert (near["n"], near["d"], far["n"], far["d"]) == (1e9, 1e10, 1e11, 2e12)
+    assert near["median_abs_error"] < far["median_abs_error"]  # inside the runs vs 10× beyond them
+    assert "10× the largest" not in points.stdout
+
+    assert run_cli("fit", str(csv), "--bootstrap", "0", "--grid", "small", "--no-plots", "--out",
+                   str(tmp_path / "c")).returncode == 0
+    assert json.loads((tmp_path / "c" / "fit.json").read_text())["rerun_check"] is None  # not asked for
 
 
 def test_fit_counts_the_parameters_of_the_column_asked_for():

@@ -191,6 +191,65 @@ def test_seeded_bootstrap_is_reproducible():
     assert not np.array_equal(a.bootstrap_params, c.bootstrap_params)
 
 
+# ---- re-run check: what per-run noise alone does to a prediction ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exact_fit() -> ScalingFit:
+    n, d, loss = synthetic_grid(noise=0.0, size=5)  # 25 runs on the true law
+    return fit_chinchilla(n, d, loss, grid=SMALL_GRID)
+
+
+FAR = (1e11, 2e12)  # 10× the largest N, 20× the largest D of synthetic_grid
+
+
+def test_rerun_spread_follows_the_noise_and_is_largest_far_from_the_runs(exact_fit):
+    quiet = exact_fit.rerun_check(*FAR, noise=0.001, simulations=100, seed=0)
+    loud = exact_fit.rerun_check(*FAR, noise=0.01, simulations=100, seed=0)
+    assert 5 < loud.median_abs_error / quiet.median_abs_error < 20  # ~linear in the noise
+    assert quiet.within == 1.0 and 0.5 < loud.within < 1.0  # at 1 % per run some refits miss 2 % out there
+    assert loud.median_abs_error < loud.p90_abs_error
+    assert abs(np.mean(loud.errors)) < loud.median_abs_error  # the refits scatter around the law, not off to a side
+    inside = exact_fit.rerun_check(exact_fit.n[12], exact_fit.d[12], noise=0.01, simulations=100, seed=0)
+    assert inside.median_abs_error < 0.5 * loud.median_abs_error  # 25 runs average the noise where they are
+    assert inside.median_abs_error < 0.01 / 2
+
+
+def test_more_runs_pin_the_prediction_down_better(exact_fit):
+    n, d, loss = synthetic_grid(noise=0.0, size=8)  # 64 runs over the same ranges
+    denser = fit_chinchilla(n, d, loss, grid=SMALL_GRID)
+    few = exact_fit.rerun_check(*FAR, noise=0.01, simulations=100, seed=0)
+    many = denser.rerun_check(*FAR, noise=0.01, simulations=100, seed=0)
+    assert many.median_abs_error < 0.9 * few.median_abs_error
+    assert many.within > few.within
+
+
+def test_rerun_check_is_seeded_and_survives_fit_json(exact_fit):
+    a = exact_fit.rerun_check(*FAR, noise=0.01, simulations=20, seed=3)
+    b = ScalingFit.from_json(exact_fit.to_json()).rerun_check(*FAR, noise=0.01, simulations=20, seed=3)
+    c = exact_fit.rerun_check(*FAR, noise=0.01, simulations=20, seed=4)
+    np.testing.assert_allclose(a.errors, b.errors, rtol=1e-9, atol=1e-12)
+    assert not np.allclose(a.errors, c.errors)
+    assert a.to_dict()["simulations"] == 20 and a.to_dict()["n"] == FAR[0]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"noise": 0.0}, r"noise must be in \(0, 1\): the relative standard deviation"),
+    ({"noise": math.nan}, r"noise must be in \(0, 1\)"),
+    ({"noise": 1.5}, r"noise must be in \(0, 1\)"),
+    ({"noise": 0.01, "simulations": 1}, "simulations must be >= 2"),
+    ({"noise": 0.01, "tolerance": 0}, r"tolerance must be in \(0, 1\)"),
+])
+def test_rerun_check_bad_arguments(exact_fit, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        exact_fit.rerun_check(*FAR, **kwargs)
+
+
+def test_rerun_check_needs_the_runs():
+    with pytest.raises(ValueError, match="rerun_check needs the fitted runs"):
+        scaling.published_fit().rerun_check(*FAR, noise=0.01)
+
+
 # ---- approach 2 -----------------------------------------------------------------------------------------------
 
 
