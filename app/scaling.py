@@ -54,7 +54,7 @@ MIN_RUNS = 10
 """Five parameters from fewer runs than this: the bootstrap intervals and any extrapolation are fragile."""
 LONG_EXTRAPOLATION = 10.0
 """Compute beyond this multiple of the largest run's is a long extrapolation: this project's own 10x benchmark
-missed by 5-20 % (README, scaling-law extrapolation)."""
+missed by 2.4-20 % (README, scaling-law extrapolation)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -566,7 +566,7 @@ class ScalingFit:
         relative standard deviation seeds give, e.g. 0.007), how far would the refit predict (n, d) from here?
 
         Each of ``simulations`` sweeps draws ln L_i = ln L(N_i, D_i) + noise · z_i at the fitted runs' N and D
-        (``seed`` fixes the draws) and refits from this fit's optimum plus ``grid`` (default SMALL_GRID, so other
+        (z: ``numpy.random.default_rng(seed).standard_normal((simulations, runs))``) and refits from this fit's optimum plus ``grid`` (default SMALL_GRID, so other
         basins stay reachable; on scaling_b1k's 17 runs the 5,400-start grid gave the same errors, 60× slower). A
         wide spread says the sweep's design cannot pin the prediction down at this noise: more seeds per point
         (noise / sqrt(k) for k seeds) or runs spread further in N and D are the remedies; re-check with those.

@@ -14,7 +14,8 @@
    sweep's own settings: preset, overrides, lr rule, warmup, resources.
 5. Report |predicted − achieved| / achieved validation loss (goal ≤ 2%; ~4% is the best published practice) and
    the planner's wall time against the measured one (goal within 15%); beside approach 3, the prediction of
-   Kaplan's L(C) fitted through the same trials' compute-efficient envelope.
+   Kaplan's L(C) fitted through the same trials' compute-efficient envelope. With --rerun-noise SIGMA, how far seed
+   noise alone would move the prediction (ScalingFit.rerun_check: the law as exact, the sweep re-drawn 200 times).
 
 Prints a table and writes benchmarks/results/scaling_extrapolation.json (…_quick.json with --quick).
 """

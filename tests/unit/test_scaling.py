@@ -215,6 +215,17 @@ def test_rerun_spread_follows_the_noise_and_is_largest_far_from_the_runs(exact_f
     assert inside.median_abs_error < 0.01 / 2
 
 
+def test_each_simulated_sweep_is_exactly_what_fit_chinchilla_makes_of_it():
+    n, d, loss = synthetic_grid(noise=0.01, seed=2, size=4)  # a noisy, small sweep: refits can wander
+    law = fit_chinchilla(n, d, loss, grid=SMALL_GRID)
+    check = law.rerun_check(*FAR, noise=0.02, simulations=8, seed=5)
+    z = np.random.default_rng(5).standard_normal((8, n.size))
+    exact = law.predict(n, d)[0]
+    for i in range(8):
+        refit = fit_chinchilla(n, d, exact * np.exp(0.02 * z[i]), grid=SMALL_GRID)
+        assert check.errors[i] == pytest.approx(refit.predict(*FAR)[0] / law.predict(*FAR)[0] - 1, abs=1e-4)
+
+
 def test_more_runs_pin_the_prediction_down_better(exact_fit):
     n, d, loss = synthetic_grid(noise=0.0, size=8)  # 64 runs over the same ranges
     denser = fit_chinchilla(n, d, loss, grid=SMALL_GRID)
