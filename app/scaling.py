@@ -409,7 +409,7 @@ class RerunCheck:
         """The fraction of simulated sweeps whose prediction lands within ``tolerance`` of the law's."""
         return float(np.mean(np.abs(self.errors) <= self.tolerance))
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | int]:
         return {"n": self.n, "d": self.d, "noise": self.noise, "simulations": int(self.errors.size),
                 "median_abs_error": self.median_abs_error, "p90_abs_error": self.p90_abs_error,
                 "mean_error": float(np.mean(self.errors)), "tolerance": self.tolerance, "within": self.within}
@@ -566,10 +566,11 @@ class ScalingFit:
         relative standard deviation seeds give, e.g. 0.007), how far would the refit predict (n, d) from here?
 
         Each of ``simulations`` sweeps draws ln L_i = ln L(N_i, D_i) + noise · z_i at the fitted runs' N and D
-        (z: ``numpy.random.default_rng(seed).standard_normal((simulations, runs))``) and refits from this fit's optimum plus ``grid`` (default SMALL_GRID, so other
-        basins stay reachable; on scaling_b1k's 17 runs the 5,400-start grid gave the same errors, 60× slower). A
-        wide spread says the sweep's design cannot pin the prediction down at this noise: more seeds per point
-        (noise / sqrt(k) for k seeds) or runs spread further in N and D are the remedies; re-check with those.
+        (z = ``numpy.random.default_rng(seed).standard_normal((simulations, runs))``) and refits from this fit's
+        optimum plus ``grid`` (default SMALL_GRID, so other basins stay reachable; on scaling_b1k's 17 runs the
+        5,400-start grid gave the same errors, 60× slower). A wide spread says the sweep's design cannot pin the
+        prediction down at this noise: more seeds per point (noise / sqrt(k) for k seeds) or runs spread further in
+        N and D are the remedies; re-check with those.
         """
         if not self.n.size:
             raise ValueError("rerun_check needs the fitted runs (N, D, loss): a fit from fit_chinchilla or from a "
