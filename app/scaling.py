@@ -394,7 +394,7 @@ class RerunCheck:
     d: float
     noise: float  # standard deviation of ln L per run (≈ relative standard deviation of the loss)
     tolerance: float  # an |error| counted as "within" (the benchmark's goal: 0.02)
-    errors: np.ndarray = field(repr=False)  # (simulations,) relative errors (refit - law) / law at (n, d)
+    errors: np.ndarray = field(repr=False)  # (simulations,) (refit - law) / law at (n, d); inf: the refit ran off
 
     @property
     def median_abs_error(self) -> float:
@@ -591,11 +591,12 @@ class ScalingFit:
         starts = np.vstack([own[None, :], (grid or SMALL_GRID).points()])
         log_x = np.vstack([np.log(self.n), np.log(self.d)])
         idx = np.broadcast_to(np.arange(exact.size), draws.shape)
-        refits = _natural(_fit_datasets(starts, log_x, draws, idx, self.huber_delta, True, "batched"))
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):  # a refit that runs off: A or B overflow to inf
+            refits = _natural(_fit_datasets(starts, log_x, draws, idx, self.huber_delta, True, "batched"))
             predicted = _chinchilla_loss(refits, np.asarray(n, dtype=float), np.asarray(d, dtype=float))
         law = float(_chinchilla_loss(x, np.asarray(n, dtype=float), np.asarray(d, dtype=float))[0])
-        return RerunCheck(float(n), float(d), float(noise), float(tolerance), (predicted - law) / law)
+        errors = np.where(np.isnan(predicted), np.inf, (predicted - law) / law)  # NaN: inf - inf from a runaway
+        return RerunCheck(float(n), float(d), float(noise), float(tolerance), errors)
 
     def extrapolation(self, compute: float) -> float:
         """How many times the largest fitted run's compute (6ND) `compute` is; NaN without data."""

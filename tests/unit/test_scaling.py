@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,17 @@ def test_more_runs_pin_the_prediction_down_better(exact_fit):
     many = denser.rerun_check(*FAR, noise=0.01, simulations=100, seed=0)
     assert many.median_abs_error < 0.9 * few.median_abs_error
     assert many.within > few.within
+
+
+def test_a_refit_that_runs_off_counts_as_an_infinite_error_without_warnings():
+    n, d, loss = synthetic_grid(noise=0.0, size=3)  # 9 runs: at 20 % noise some refits send A or B to overflow
+    law = fit_chinchilla(n, d, loss, grid=SMALL_GRID)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check = law.rerun_check(*FAR, noise=0.2, simulations=100, seed=0)
+    assert not np.isnan(check.errors).any() and np.isinf(check.errors).any()
+    assert math.isfinite(check.median_abs_error) and check.within < 0.2
+    assert math.isinf(check.to_dict()["mean_error"])  # fit.json writes it as null (app.jsonsafe.finite)
 
 
 def test_rerun_check_is_seeded_and_survives_fit_json(exact_fit):
