@@ -254,7 +254,7 @@ def _fit(args: argparse.Namespace) -> int:
                             predict=list(zip(args.predict_n, args.predict_d)), grid=args.grid,
                             drop_highest_loss=args.drop_highest_loss, plots=not args.no_plots,
                             n_column=args.n_column, rerun_noise=args.rerun_noise,
-                            reruns=200 if args.reruns is None else args.reruns)
+                            **({} if args.reruns is None else {"reruns": args.reruns}))
     law = report.law
     level = f"{law.ci_level:.0%}"
     rows = [(k, v, _interval(lo, hi), "" if math.isnan(se) else se)

@@ -426,6 +426,12 @@ def _natural(x: np.ndarray) -> np.ndarray:
     return np.column_stack([np.exp(x[:, 2]), np.exp(x[:, 0]), np.exp(x[:, 1]), x[:, 3], x[:, 4]])
 
 
+def _log_form(params: np.ndarray) -> np.ndarray:
+    """(E, A, B, alpha, beta) → (a, b, e, alpha, beta), the inverse of `_natural` for one row."""
+    e, a, b, alpha, beta = params
+    return np.array([math.log(a), math.log(b), math.log(e), alpha, beta])
+
+
 def _chinchilla_loss(params: np.ndarray, n: np.ndarray, d: np.ndarray) -> np.ndarray:
     """L for parameter rows (E, A, B, alpha, beta) of shape (k, 5) against points of any shape → (k, *shape)."""
     p = np.atleast_2d(params)
@@ -587,8 +593,7 @@ class ScalingFit:
         exact = np.log(_chinchilla_loss(self.param_vector, self.n, self.d)[0])
         draws = exact + noise * np.random.default_rng(seed).standard_normal((simulations, exact.size))
         x = self.param_vector
-        own = np.array([math.log(x[1]), math.log(x[2]), math.log(x[0]), x[3], x[4]])  # (a, b, e, alpha, beta)
-        starts = np.vstack([own[None, :], (grid or SMALL_GRID).points()])
+        starts = np.vstack([_log_form(x)[None, :], (grid or SMALL_GRID).points()])
         log_x = np.vstack([np.log(self.n), np.log(self.d)])
         idx = np.broadcast_to(np.arange(exact.size), draws.shape)
         with np.errstate(over="ignore", invalid="ignore"):  # a refit that runs off: A or B overflow to inf
