@@ -205,8 +205,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _fit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("results", help="a sweep's results.parquet/.csv (or its folder), or a CSV of runs with "
-                                   "N/n_params, D/tokens or C/compute, and loss/val_loss columns")
+    p.add_argument("results", nargs="+",
+                   help="a sweep's results.parquet/.csv (or its folder), or a CSV of runs with N/n_params, "
+                        "D/tokens or C/compute, and loss/val_loss columns; several are fitted together")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for intervals (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
     p.add_argument("--predict-n", type=float, action="append", default=[], metavar="N",
@@ -228,8 +229,18 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
                         "relative loss spread per run (between seeds, e.g. 0.007): the law taken as exact, "
                         "--reruns simulated sweeps refitted; without --predict-n/-d, at the compute-optimal size "
                         "for 10x the largest run's compute")
+    p.add_argument("--seed-spread", action="store_true",
+                   help="runs at several seeds per point (same N and D): also refit --reruns one-seed sweeps, each "
+                        "keeping one seed per point at random, and show how far apart they predict (at each "
+                        "--predict point, else at the compute-optimal size for 10x the largest run's compute)")
     p.add_argument("--reruns", type=int, metavar="K",
-                   help="simulated sweeps of --rerun-noise (default 200)")
+                   help="sweeps simulated by --rerun-noise or resampled by --seed-spread (default 200)")
+
+
+def _seed_counts(seeds) -> str:
+    """"3" or "2–3": the seeds per replicated point."""
+    lo, hi = int(seeds[seeds > 1].min()), int(seeds.max())
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
 
 
 def _interval(lo: float, hi: float) -> str:
@@ -247,13 +258,14 @@ def _fit(args: argparse.Namespace) -> int:
     if len(args.predict_n) != len(args.predict_d):
         raise FitError(f"got {len(args.predict_n)} --predict-n and {len(args.predict_d)} --predict-d; "
                        "give them in pairs")
-    if args.reruns is not None and args.rerun_noise is None:
-        raise FitError("--reruns sets how many sweeps --rerun-noise simulates; add --rerun-noise SIGMA (e.g. 0.007)")
+    if args.reruns is not None and args.rerun_noise is None and not args.seed_spread:
+        raise FitError("--reruns sets how many sweeps --rerun-noise simulates or --seed-spread resamples; add "
+                       "--rerun-noise SIGMA (e.g. 0.007) or --seed-spread")
     out = args.out or default_out(args.results)
     report = sdk.fit_report(args.results, out=out, bootstrap=args.bootstrap, seed=args.seed,
                             predict=list(zip(args.predict_n, args.predict_d)), grid=args.grid,
                             drop_highest_loss=args.drop_highest_loss, plots=not args.no_plots,
-                            n_column=args.n_column, rerun_noise=args.rerun_noise,
+                            n_column=args.n_column, rerun_noise=args.rerun_noise, seed_spread=args.seed_spread,
                             **({} if args.reruns is None else {"reruns": args.reruns}))
     law = report.law
     level = f"{law.ci_level:.0%}"
@@ -294,6 +306,15 @@ def _fit(args: argparse.Namespace) -> int:
                       f"{c.within:.0%}") for c in report.rerun_checks])
         print("re-run check: the law taken as exact, how far a refit of the same runs with fresh noise predicts "
               "from it" + ("" if report.predictions else ", at N_opt, D_opt for 10× the largest run's compute"))
+    if report.seed_spreads:
+        first = report.seed_spreads[0]
+        print_table(f"seed spread: {first.predictions.size} one-seed sweeps, {int((first.seeds > 1).sum())} of "
+                    f"{first.seeds.size} points at {_seed_counts(first.seeds)} seeds",
+                    ["N", "D", "all runs", "median", "90% range", "median |dev|"],
+                    [(f"{s.n:.3g}", f"{s.d:.3g}", s.pooled, s.median, _interval(*s.interval()), f"{s.spread:.2%}")
+                     for s in report.seed_spreads])
+        print("seed spread: each sweep keeps one seed per point at random and is refitted; how far apart those "
+              "predict" + ("" if report.predictions else ", at N_opt, D_opt for 10× the largest run's compute"))
     for note in report.runs.dropped:
         print(f"left out: {note}")
     for warning in law.warnings:

@@ -184,18 +184,21 @@ def sweep(config, out: str | Path | None = None, *, overrides: Sequence[str] = (
 def fit_report(results, *, out: str | Path | None = None, bootstrap: int = 1000, seed: int = 0,
                predict: Sequence[tuple[float, float]] = (), grid: str = "full", drop_highest_loss: int = 0,
                plots: bool = True, n_column: str | None = None, rerun_noise: float | None = None,
-               reruns: int = 200):
-    """Fit a results table (a sweep's results.parquet/.csv, a CSV of runs, or a DataFrame): approach 3 with a
-    `bootstrap`-resample interval, plus Kaplan L(N), L(C) and approach 2 where the runs allow. With `out`, writes
-    fit.json and loss_vs_compute.png, isoflop.png, residuals.png there. `n_column` picks the parameter count
-    (a sweep's "n_params_total" counts the embeddings too; default: its non-embedding "n_params"). With
+               reruns: int = 200, seed_spread: bool = False):
+    """Fit a results table (a sweep's results.parquet/.csv, a CSV of runs, or a DataFrame; or a list of them,
+    fitted together): approach 3 with a `bootstrap`-resample interval, plus Kaplan L(N), L(C) and approach 2
+    where the runs allow. With `out`, writes fit.json and loss_vs_compute.png, isoflop.png, residuals.png there.
+    `n_column` picks the parameter count (a sweep's "n_params_total" counts the embeddings too; default: its
+    non-embedding "n_params"). With
     `rerun_noise` (a run's loss spread between seeds, e.g. 0.007), `.rerun_checks` says how far each prediction
-    would move if the sweep were run again (`ScalingFit.rerun_check`). Returns a `FitReport`."""
+    would move if the sweep were run again (`ScalingFit.rerun_check`); with `seed_spread` (runs at several seeds
+    per point), `.seed_spreads` says how far apart one-seed sweeps predict them (`ScalingFit.seed_spread`).
+    Returns a `FitReport`."""
     from pipelines import fit_scaling
 
     return fit_scaling.run(results, out=out, bootstrap=bootstrap, seed=seed, predict=predict, grid=grid,
                            drop_highest_loss=drop_highest_loss, plots=plots, n_column=n_column,
-                           rerun_noise=rerun_noise, reruns=reruns)
+                           rerun_noise=rerun_noise, reruns=reruns, seed_spread=seed_spread)
 
 
 def fit(results, *, out: str | Path | None = None, bootstrap: int = 1000, seed: int = 0,

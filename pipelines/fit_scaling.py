@@ -3,10 +3,12 @@ approach 2 where the runs allow them → fit.json and PNG plots.
 
     python -m app fit runs/sweeps/smoke/results.parquet --bootstrap 1000 --out runs/sweeps/smoke/fit
     python -m app fit ../shared/data/chinchilla_svg_extracted_data.csv --drop-highest-loss 5
+    python -m app fit runs/sweeps/a runs/sweeps/a_seeds --seed-spread   # several tables: fitted together
 
 The table is a sweep's results.parquet / results.csv (rows with status other than "ok" are left out) or any CSV /
 Parquet with a parameter column (n_params, N, "Model Size"), tokens (tokens, D) or compute (compute, C,
-"Training FLOP"; D = C / 6N) and a loss column (val_loss, loss). All fitting is app/scaling.py; no Ray here.
+"Training FLOP"; D = C / 6N) and a loss column (val_loss, loss). Several tables are fitted as one (e.g. a sweep and
+its re-run at other seeds). All fitting is app/scaling.py; no Ray here.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from app.scaling import (
     PowerLawFit,
     RerunCheck,
     ScalingFit,
+    SeedSpread,
     fit_chinchilla,
     fit_isoflop,
     fit_kaplan_c,
@@ -62,14 +65,27 @@ def _pick(frame, role: str) -> str | None:
 
 
 def read_table(results: Any):
-    """(DataFrame, source name) from a results table: a path to CSV/Parquet, a sweep folder, or a DataFrame."""
+    """(DataFrame, source name) from a results table: a path to CSV/Parquet, a sweep folder, or a DataFrame; or
+    from a list of them, concatenated (the source names joined by " + ")."""
     import pandas as pd
 
+    if isinstance(results, (list, tuple)):
+        if not results:
+            raise DataError("no results table given: pass a sweep's results.parquet/.csv (or its folder)")
+        if len(results) > 1:
+            tables = [read_table(r) for r in results]
+            return (pd.concat([t for t, _ in tables], ignore_index=True, sort=False),
+                    " + ".join(source for _, source in tables))
+        results = results[0]
     if isinstance(results, pd.DataFrame):
         return results.copy(), "DataFrame"
     path = Path(results)
-    if path.is_dir() and (path / "results.parquet").is_file():
-        path = path / "results.parquet"
+    if path.is_dir():
+        found = [path / name for name in ("results.parquet", "results.csv") if (path / name).is_file()]
+        if not found:
+            raise DataError(f"folder {path} has no results.parquet or results.csv; pass a sweep's folder or its "
+                            "results table")
+        path = found[0]
     if not path.is_file():
         raise DataError(f"results file {path} does not exist; pass a sweep's results.parquet/.csv or a CSV of runs")
     if path.suffix.lower() not in (".parquet", ".csv"):
@@ -178,6 +194,7 @@ class FitReport:
     predictions: list[tuple[float, float]]
     files: list[Path] = field(default_factory=list)
     rerun_checks: list[RerunCheck] = field(default_factory=list)  # --rerun-noise: at each prediction point
+    seed_spreads: list[SeedSpread] = field(default_factory=list)  # --seed-spread: at each prediction point
 
     def to_json(self) -> dict[str, Any]:
         """fit.json: approach 3's keys at the top level (form, params, ci, n_points, predictions, ...), then
@@ -192,6 +209,7 @@ class FitReport:
             "isoflop": self.isoflop.to_json() if self.isoflop else None,
             "not_fitted": self.notes,
             "rerun_check": [c.to_dict() for c in self.rerun_checks] or None,
+            "seed_spread": [s.to_dict() for s in self.seed_spreads] or None,
         })
         return out
 
@@ -224,12 +242,15 @@ def run(
     n_column: str | None = None,
     rerun_noise: float | None = None,
     reruns: int = 200,
+    seed_spread: bool = False,
 ) -> FitReport:
     """Fit the runs in `results`; with `out`, write fit.json and the PNGs there (see module docstring).
 
     With `rerun_noise` (the relative spread of a run's loss between seeds, e.g. 0.007), also check how far the
     prediction would move if the sweep were run again (`ScalingFit.rerun_check`, `reruns` simulated sweeps) at each
-    `predict` point, or without any at the compute-optimal size for 10× the largest run's compute."""
+    `predict` point, or without any at the compute-optimal size for 10× the largest run's compute. With
+    `seed_spread` (runs at several seeds per point), how far apart one-seed sweeps predict the same points
+    (`ScalingFit.seed_spread`, `reruns` resamples)."""
     if grid not in GRIDS:
         raise FitError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     if bootstrap < 0:
@@ -240,6 +261,10 @@ def run(
     if reruns < 2:
         raise FitError(f"--reruns must be >= 2 simulated sweeps, got {reruns}")
     runs = read_runs(results, drop_highest_loss=drop_highest_loss, n_column=n_column)
+    if seed_spread and len(np.unique(np.column_stack([runs.n, runs.d]), axis=0)) == runs.n.size:
+        raise FitError(f"--seed-spread: {runs.source}: every point (N, D) has one run; it needs points trained at "
+                       "several seeds (a sweep's grid seeds: [0, 1, 2], or the sweep and its re-run at other seeds "
+                       "given together)")
     for n_val, d_val in predict:
         if not (n_val > 0 and d_val > 0):
             raise FitError(f"--predict-n/--predict-d must be > 0, got N={n_val:g}, D={d_val:g}")
@@ -256,9 +281,12 @@ def run(
                                                                       runs.loss, n_bootstrap=kaplan_boot, seed=seed))
     isoflop = _fit_or_note(notes, "isoflop", lambda: fit_isoflop(runs.n, runs.d, runs.loss, rel_tol=rel_tol))
     report = FitReport(law, kaplan_n, kaplan_c, isoflop, notes, runs, [tuple(map(float, p)) for p in predict])
+    points = report.predictions or [ten_x_point(law)]
     if rerun_noise is not None:
         report.rerun_checks = [law.rerun_check(n_val, d_val, noise=rerun_noise, simulations=reruns, seed=seed)
-                               for n_val, d_val in (report.predictions or [ten_x_point(law)])]
+                               for n_val, d_val in points]
+    if seed_spread:
+        report.seed_spreads = [law.seed_spread(n_val, d_val, resamples=reruns, seed=seed) for n_val, d_val in points]
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -275,8 +303,21 @@ def ten_x_point(law: ScalingFit) -> tuple[float, float]:
     return float(n_opt), float(d_opt)
 
 
+def _table_name(results: str | Path) -> str:
+    """A sweep folder's name for the folder or its results.parquet/.csv, else the file's stem."""
+    path = Path(results)
+    if path.is_file() and path.stem == "results" and (path.parent / "sweep.json").is_file():
+        return path.parent.name
+    return path.name if path.is_dir() else path.stem
+
+
 def default_out(results: Any) -> Path | None:
-    """Where `python -m app fit RESULTS` writes by default: `fit/` inside a sweep folder, else runs/fits/<name>."""
+    """Where `python -m app fit RESULTS` writes by default: `fit/` inside a sweep folder, else runs/fits/<name>
+    (several tables: runs/fits/<name>+<name>..., a sweep folder named by the folder)."""
+    if isinstance(results, (list, tuple)) and len(results) == 1:
+        results = results[0]
+    if isinstance(results, (list, tuple)) and all(isinstance(r, (str, Path)) for r in results):
+        return Path("runs/fits") / "+".join(map(_table_name, results))
     if not isinstance(results, (str, Path)):
         return None
     path = Path(results)

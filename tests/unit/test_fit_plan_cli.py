@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -179,7 +180,10 @@ def test_plan_cli_wall_time_from_a_sweeps_measured_throughput(fitted, tmp_path):
         (25, ["--drop-highest-loss", "30"], "--drop-highest-loss 30: must be between 0 and 24"),
         (25, ["--n-column", "n_params_total"], "--n-column 'n_params_total' is not a column; columns are trial,"),
         (25, ["--rerun-noise", "0"], "--rerun-noise 0: the relative spread of a run's final loss between seeds"),
-        (25, ["--reruns", "5"], "--reruns sets how many sweeps --rerun-noise simulates; add --rerun-noise"),
+        (25, ["--reruns", "5"], "--reruns sets how many sweeps --rerun-noise simulates or --seed-spread resamples; "
+                                "add --rerun-noise SIGMA (e.g. 0.007) or --seed-spread"),
+        (25, ["--seed-spread"], "--seed-spread: {csv}: every point (N, D) has one run; it needs points trained at "
+                                "several seeds"),
         (25, ["--rerun-noise", "0.01", "--reruns", "1"], "--reruns must be >= 2 simulated sweeps, got 1"),
     ],
 )
@@ -198,7 +202,7 @@ def test_fit_cli_mistakes_are_one_line(tmp_path, rows, args, message):
     result = run_cli("fit", str(csv), "--bootstrap", "0", "--grid", "small", "--out", str(tmp_path / "o"), *args)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert len(lines) == 1 and message.format(csv=csv) in lines[0], result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -230,6 +234,49 @@ def test_fit_cli_rerun_check_at_the_ten_x_point_and_at_each_prediction(tmp_path)
     assert run_cli("fit", str(csv), "--bootstrap", "0", "--grid", "small", "--no-plots", "--out",
                    str(tmp_path / "c")).returncode == 0
     assert json.loads((tmp_path / "c" / "fit.json").read_text())["rerun_check"] is None  # not asked for
+
+
+def test_fit_cli_fits_several_tables_together_and_shows_the_seed_spread(tmp_path):
+    """A sweep at seed 0 and its re-run at seeds 1 and 2, given together: one fit of every run, and how far apart
+    the one-seed sweeps among them predict."""
+    tables = []
+    for seed in (0, 1, 2):
+        df = synthetic_results(noise=0.01).iloc[:25]
+        df["val_loss"] *= np.exp(np.random.default_rng(10 + seed).normal(0.0, 0.01, 25))  # seeds differ
+        df["seed"] = seed
+        tables.append(df)
+        if seed == 0:
+            (tmp_path / "s0").mkdir()
+            df.to_csv(tmp_path / "s0" / "results.csv", index=False)
+    (tmp_path / "seeds").mkdir()
+    pd.concat(tables[1:]).to_csv(tmp_path / "seeds" / "results.csv", index=False)
+    (tmp_path / "seeds" / "sweep.json").write_text("{}")  # a sweep folder: named by the folder in runs/fits
+
+    result = run_cli("fit", str(tmp_path / "s0" / "results.csv"), str(tmp_path / "seeds"), "--bootstrap", "0",
+                     "--grid", "small", "--no-plots", "--seed-spread", "--reruns", "12", "--predict-n", "7e10",
+                     "--predict-d", "1.4e12", "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    fit = json.loads((tmp_path / "o" / "fit.json").read_text())
+    assert fit["n_points"] == 75 and " + " in fit["source"] and fit["rerun_check"] is None
+    (spread,) = fit["seed_spread"]
+    assert (spread["n"], spread["d"], spread["resamples"]) == (7e10, 1.4e12, 12)
+    assert (spread["points"], spread["replicated_points"]) == (25, 25)
+    assert spread["pooled"] == pytest.approx(fit["predictions"][0]["loss"], rel=1e-9)
+    assert min(spread["predictions"]) < spread["median"] < max(spread["predictions"]) and spread["spread"] > 0
+    assert "seed spread: 12 one-seed sweeps, 25 of 25 points at 3 seeds" in result.stdout
+
+    sdk = app.fit_report([tmp_path / "s0" / "results.csv", tmp_path / "seeds"], bootstrap=0, grid="small",
+                         plots=False, predict=[(7e10, 1.4e12)], seed_spread=True, reruns=12)
+    np.testing.assert_allclose(sdk.seed_spreads[0].predictions, spread["predictions"], rtol=1e-9)
+
+    from pipelines.fit_scaling import default_out
+    assert default_out([tmp_path / "s0" / "results.csv", tmp_path / "seeds"]) == Path("runs/fits/results+seeds")
+
+    (tmp_path / "empty").mkdir()
+    empty = run_cli("fit", str(tmp_path / "s0" / "results.csv"), str(tmp_path / "empty"), "--out", str(tmp_path / "e"))
+    assert empty.returncode == 1 and empty.stderr.strip().splitlines() == [
+        f"error: folder {tmp_path / 'empty'} has no results.parquet or results.csv; pass a sweep's folder or its "
+        "results table"]
 
 
 def test_fit_counts_the_parameters_of_the_column_asked_for():

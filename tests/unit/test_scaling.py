@@ -503,3 +503,80 @@ def test_planner_reports_a_law_without_frontier_as_a_fit_error(noisy_fit):
     flat = replace(noisy_fit, params={**noisy_fit.params, "beta": -0.1})
     with pytest.raises(FitError, match="the fit has beta=-0.1 .loss does not fall with more tokens"):
         sdk.plan(flops=1e20, fit=flat, instance="m7i.2xlarge", spot=True)
+
+
+# ---- seed spread: how far apart one-seed sweeps of a design predict -----------------------------------------------
+
+
+def seeded_grid(noise: float, seeds: int = 3, size: int = 4, seed: int = 0):
+    """synthetic_grid's points, each trained at `seeds` seeds: ln L redrawn per seed with `noise`."""
+    n, d = (np.repeat(a, seeds) for a in synthetic_grid(noise=0.0, size=size)[:2])
+    loss = true_loss(n, d) * np.exp(np.random.default_rng(seed).normal(0.0, noise, n.size))
+    return n, d, loss
+
+
+def test_each_seed_resample_keeps_one_run_per_point_and_refits_like_fit_chinchilla():
+    n, d, loss = seeded_grid(noise=0.01)
+    law = fit_chinchilla(n, d, loss, grid=SMALL_GRID)
+    spread = law.seed_spread(*FAR, resamples=6, seed=1)
+    assert spread.runs.shape == (6, 16) and list(spread.seeds) == [3] * 16
+    for i, runs in enumerate(spread.runs):
+        assert len({(n[r], d[r]) for r in runs}) == 16  # every point once
+        refit = fit_chinchilla(n[runs], d[runs], loss[runs], grid=SMALL_GRID)
+        assert spread.predictions[i] == pytest.approx(refit.predict(*FAR)[0], rel=1e-4)
+    assert spread.pooled == pytest.approx(law.predict(*FAR)[0], rel=1e-12)
+    assert len({tuple(r) for r in spread.runs}) == 6  # different draws of seeds
+
+
+def test_seed_spread_follows_the_spread_between_seeds():
+    same = seeded_grid(noise=0.0)  # three identical copies of each run: every resample is the same sweep
+    law = fit_chinchilla(*same, grid=SMALL_GRID)
+    flat = law.seed_spread(*FAR, resamples=20, seed=0)
+    assert flat.spread < 1e-6 and flat.within(flat.pooled, 0.001) == 1.0
+    quiet = fit_chinchilla(*seeded_grid(noise=0.002), grid=SMALL_GRID).seed_spread(*FAR, resamples=60, seed=0)
+    loud = fit_chinchilla(*seeded_grid(noise=0.02), grid=SMALL_GRID).seed_spread(*FAR, resamples=60, seed=0)
+    assert 3 < loud.spread / quiet.spread < 30
+    lo, hi = loud.interval(0.9)
+    assert lo < loud.median < hi and quiet.interval(0.9)[1] - quiet.interval(0.9)[0] < hi - lo
+    assert quiet.within(true_loss(*FAR), 0.02) > loud.within(true_loss(*FAR), 0.02)
+
+
+def test_points_with_one_run_are_in_every_seed_resample_as_they_are():
+    n3, d3, loss3 = seeded_grid(noise=0.01, size=3)  # 9 points at 3 seeds ...
+    n1, d1 = (a.ravel() for a in np.meshgrid(np.geomspace(2e7, 4e9, 3), np.geomspace(2e8, 4e10, 3)))
+    n, d = np.concatenate([n3, n1]), np.concatenate([d3, d1])  # ... and 9 at one
+    loss = np.concatenate([loss3, true_loss(n1, d1)])
+    spread = fit_chinchilla(n, d, loss, grid=SMALL_GRID).seed_spread(*FAR, resamples=10, seed=0)
+    assert sorted(spread.seeds) == [1] * 9 + [3] * 9
+    single = spread.seeds == 1
+    assert (spread.runs[:, single] == spread.runs[0, single]).all()  # the same run in every resample
+    assert (spread.runs[:, ~single] != spread.runs[0, ~single]).any()
+    out = spread.to_dict()
+    assert (out["points"], out["replicated_points"], out["resamples"]) == (18, 9, 10)
+    assert out["predictions"] == spread.predictions.tolist() and out["interval_90"][0] <= out["median"]
+
+
+def test_seed_spread_is_seeded_and_survives_fit_json():
+    law = fit_chinchilla(*seeded_grid(noise=0.01), grid=SMALL_GRID)
+    a = law.seed_spread(*FAR, resamples=10, seed=3)
+    b = ScalingFit.from_json(law.to_json()).seed_spread(*FAR, resamples=10, seed=3)
+    c = law.seed_spread(*FAR, resamples=10, seed=4)
+    np.testing.assert_array_equal(a.runs, b.runs)
+    np.testing.assert_allclose(a.predictions, b.predictions, rtol=1e-9)
+    assert not np.array_equal(a.runs, c.runs)
+
+
+@pytest.mark.parametrize("data,kwargs,message", [
+    ("one-seed", {}, r"seed_spread: each of the 16 points \(N, D\) has one run; it needs points trained at several"),
+    ("seeds", {"resamples": 1}, "resamples must be >= 2, got 1"),
+    ("seeds", {"n": 0.0}, "seed_spread: N and D must be > 0"),
+])
+def test_seed_spread_bad_arguments(data, kwargs, message):
+    runs = synthetic_grid(noise=0.0, size=4) if data == "one-seed" else seeded_grid(noise=0.01)
+    law = fit_chinchilla(*runs, grid=SMALL_GRID)
+    n_val = kwargs.pop("n", FAR[0])
+    with pytest.raises(ValueError, match=message):
+        law.seed_spread(n_val, FAR[1], **kwargs)
+    with pytest.raises(ValueError, match="seed_spread needs the fitted runs"):
+        scaling.published_fit().seed_spread(*FAR)
+
