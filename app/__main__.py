@@ -167,14 +167,23 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
         help="override a config field for every trial, e.g. --set data.dir=runs/data/tiny (repeatable)",
     )
     p.add_argument("--num-cpus", type=int, help="CPUs for embedded Ray (default: all)")
+    p.add_argument("--reseed", type=int, nargs="+", default=[], metavar="SEED",
+                   help="train the finished sweep's points again at these seeds, each at the lr factor the sweep "
+                        "chose for it, into runs/sweeps/NAME-seeds (then: fit both with --seed-spread)")
+    p.add_argument("--from", dest="reseed_from", metavar="DIR",
+                   help="--reseed: the finished sweep's folder (default runs/sweeps/NAME)")
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from app import sdk
     from app.console import print_table, short_path
+    from app.errors import ConfigError
 
+    if args.reseed_from and not args.reseed:
+        raise ConfigError("--from names the finished sweep --reseed starts from; add --reseed SEED ...")
     try:
-        result = sdk.sweep(args.config, args.out, overrides=args.overrides, num_cpus=args.num_cpus)
+        result = sdk.sweep(args.config, args.out, overrides=args.overrides, num_cpus=args.num_cpus,
+                           reseed=args.reseed, reseed_from=args.reseed_from)
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume (finished trials are kept)", file=sys.stderr)
         raise
@@ -193,7 +202,11 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"error: {len(failed)} of {len(result.df)} trials did not finish (first: {first['trial']}: "
               f"{first['error'] or first['status']}); run the same command again to retry them", file=sys.stderr)
         return 1
-    print(f"next: python -m app fit {short_path(result.results_parquet)}")
+    if args.reseed:
+        source = json.loads((result.sweep_dir / "sweep.json").read_text())["reseed"]["of"]
+        print(f"next: python -m app fit {short_path(source)} {short_path(result.sweep_dir)} --seed-spread")
+    else:
+        print(f"next: python -m app fit {short_path(result.results_parquet)}")
     args.result = {"name": result.name, "sweep_dir": result.sweep_dir, "results_parquet": result.results_parquet,
                    "wall_s": result.wall_s, "resumed": result.resumed,
                    "trials": [dict(zip(("trial", "N", "D", "C", "val_loss", "wall_s", "status"), r))

@@ -171,14 +171,18 @@ def distill(teacher: str, preset: str | TrainConfig = "tiny", overrides: Sequenc
 # ---- scaling laws: sweep → fit → plan ------------------------------------------------------------------------
 
 
-def sweep(config, out: str | Path | None = None, *, overrides: Sequence[str] = (), num_cpus: int | None = None):
+def sweep(config, out: str | Path | None = None, *, overrides: Sequence[str] = (), num_cpus: int | None = None,
+          reseed: Sequence[int] = (), reseed_from: str | Path | None = None):
     """Run (or resume) the sweep in `config` (a tune_configs/*.yaml path or a SweepConfig) with Ray Tune; each
     trial trains one model to the end of its schedule with Ray Train. Results land in `out` (default
     runs/sweeps/NAME). Returns a `SweepResult` whose `.df` has one row per trial: N, D, C = 6ND, val_loss, ...
-    Running it again on the same `out` resumes: finished trials are not redone."""
+    Running it again on the same `out` resumes: finished trials are not redone. With `reseed=[1, 2]`, the points
+    of the finished sweep (at `reseed_from`, default runs/sweeps/NAME) train again at those seeds, each at the lr
+    factor the sweep chose, into runs/sweeps/NAME-seeds: `fit_report([A, A_seeds], seed_spread=True)` reads both."""
     from pipelines import sweep as pipeline
 
-    return pipeline.run(config, out, overrides=list(overrides), num_cpus=num_cpus)
+    return pipeline.run(config, out, overrides=list(overrides), num_cpus=num_cpus, reseed=list(reseed),
+                        reseed_from=reseed_from)
 
 
 def fit_report(results, *, out: str | Path | None = None, bootstrap: int = 1000, seed: int = 0,

@@ -447,29 +447,67 @@ def plan_trials(sweep: SweepConfig, extra_overrides: list[str] | tuple[str, ...]
     base = base_config(sweep, extra_overrides)
     seeds = sweep.grid.seeds or [base.seed]
     kind = sweep.grid.budget_kind
-    factors = sweep.lr.factors
     specs = [make_trial(sweep, base, shape, seed, storage=storage, lr_factor=factor, **{kind: budget})
              for shape in sweep.grid.shapes for budget in sweep.grid.budgets for seed in seeds
-             for factor in factors]
+             for factor in sweep.lr.factors]
     if sweep.grid.min_steps is not None:
         specs = [s for s in specs if s.steps >= sweep.grid.min_steps]
         if not specs:
             raise ConfigError(f"sweep '{sweep.name}': every trial has fewer than grid.min_steps="
                               f"{sweep.grid.min_steps} steps; raise the budgets or lower min_steps")
-    specs.sort(key=lambda s: -s.model_flops)  # stable: grid order among equals
+    return _numbered(sweep, specs)
+
+
+def _numbered(sweep: SweepConfig, specs: list[TrialSpec]) -> list[TrialSpec]:
+    """Sort most expensive first, name `t<index>-<shape>-D<tokens>-s<seed>[-x<factor>]`, and refuse two budgets
+    that round to the same steps."""
+    specs = sorted(specs, key=lambda s: -s.model_flops)  # stable: grid order among equals
     out = []
     for index, s in enumerate(specs):
         name = f"t{index:03d}-{s.shape.label}-D{s.tokens}-s{s.seed}"
-        name += f"-x{s.lr_factor:g}" if len(factors) > 1 else ""
+        name += f"-x{s.lr_factor:g}" if len(sweep.lr.factors) > 1 else ""
         out.append(replace(s, index=index, name=name, cfg=s.cfg.model_copy(update={"name": name})))
     seen: dict[tuple, float] = {}
     for t in out:
         key = (t.shape, t.tokens, t.seed, t.lr_factor)
         if key in seen:
-            raise ConfigError(f"sweep '{sweep.name}': grid.{kind} values {seen[key]:g} and {t.budget:g} give "
-                              f"{t.shape.label} the same {t.steps} steps; spread the budgets further apart")
+            raise ConfigError(f"sweep '{sweep.name}': grid.{sweep.grid.budget_kind} values {seen[key]:g} and "
+                              f"{t.budget:g} give {t.shape.label} the same {t.steps} steps; spread the budgets "
+                              "further apart")
         seen[key] = t.budget
     return out
+
+
+def plan_reseed(sweep: SweepConfig, finished: Any, seeds: list[int],
+                extra_overrides: list[str] | tuple[str, ...] = (), *, storage: str | None = None) -> list[TrialSpec]:
+    """The points (shape × budget) of a finished sweep trained again at other ``seeds``, each at the lr factor it
+    chose: the factor of its lowest-loss run at the sweep's first seed (with one factor, that one). ``finished``
+    is the sweep's results table (a DataFrame, e.g. its results.parquet). Fitted together with the sweep
+    (``python -m app fit A A-seeds --seed-spread``) every point then has several seeds at one lr, with no lr
+    re-tuned per seed. Raises ConfigError for a seed the sweep already has or a sweep not yet finished."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--reseed {' '.join(map(str, seeds))}: give one or more distinct seeds, e.g. --reseed 1 2")
+    planned = plan_trials(sweep, extra_overrides)
+    have = sorted({t.seed for t in planned})
+    if clash := sorted(set(seeds) & set(have)):
+        raise ConfigError(f"--reseed {clash[0]}: sweep '{sweep.name}' already trains seed {clash[0]} (its seeds: "
+                          f"{', '.join(map(str, have))}); pick others")
+    status = dict(zip(finished["trial"], finished["status"])) if "status" in finished.columns else {}
+    loss = dict(zip(finished["trial"], finished["val_loss"]))
+    missing = [t.name for t in planned if status.get(t.name) != "ok"]
+    if missing:
+        raise ConfigError(f"sweep '{sweep.name}': {len(missing)} of {len(planned)} trials are not finished (first: "
+                          f"{missing[0]}); run `python -m app sweep` on it to the end before --reseed")
+    best: dict[tuple, TrialSpec] = {}  # (shape, budget) -> the run it keeps at the first seed
+    for t in planned:
+        key = (t.shape, t.budget)
+        if t.seed == have[0] and (key not in best or loss[t.name] < loss[best[key].name]):
+            best[key] = t
+    base = base_config(sweep, extra_overrides)
+    kind = sweep.grid.budget_kind
+    specs = [make_trial(sweep, base, t.shape, seed, storage=storage, lr_factor=t.lr_factor, **{kind: t.budget})
+             for t in best.values() for seed in seeds]
+    return _numbered(sweep, specs)
 
 
 def total_model_flops(trials: list[TrialSpec]) -> float:

@@ -1,6 +1,7 @@
 """Scaling sweeps: a Ray Tune Tuner whose trials each train one model, start to finish, with the project's trainer.
 
     python -m app sweep tune_configs/smoke.yaml [--out DIR]
+    python -m app sweep tune_configs/smoke.yaml --reseed 1 2   # its points at seeds 1, 2 → runs/sweeps/smoke-seeds
 
 Each Tune trial is a function trainable that calls `pipelines.train.run(cfg)`: a Ray Train TorchTrainer started
 inside the trial, which is how Ray's Train/Tune guide runs distributed training under Tune (the trial only drives;
@@ -17,6 +18,11 @@ from its token budget, no early stopping) and reports the final validation loss,
 
 Running the same command again resumes an interrupted sweep: finished trials are kept, unfinished and errored ones
 run again (and a trial whose training had finished but was not yet recorded reuses its summary.json).
+
+`--reseed SEED ...` trains a finished sweep's points again at other seeds, each at the lr factor the sweep chose for
+it (`app.sweep_config.plan_reseed`), into its own folder (default runs/sweeps/NAME-seeds; `--from DIR` names the
+finished sweep when it is not at runs/sweeps/NAME). `python -m app fit A A-seeds --seed-spread` then shows how far
+apart one-seed sweeps of the design predict.
 """
 
 from __future__ import annotations
@@ -33,7 +39,15 @@ from typing import Any
 
 from app.config import TrainConfig, parse_workers
 from app.errors import ConfigError
-from app.sweep_config import SweepConfig, TrialSpec, base_config, load_sweep, plan_trials, total_model_flops
+from app.sweep_config import (
+    SweepConfig,
+    TrialSpec,
+    base_config,
+    load_sweep,
+    plan_reseed,
+    plan_trials,
+    total_model_flops,
+)
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
@@ -214,8 +228,11 @@ def _results_frame(trials: list[TrialSpec], grid) -> Any:
 
 
 def run(sweep: SweepConfig | str | Path, out: str | Path | None = None, *, overrides: list[str] | tuple = (),
-        num_cpus: int | None = None) -> SweepResult:
-    """Run (or resume) a sweep on Ray (embedded, or the cluster at RAY_ADDRESS); returns a SweepResult."""
+        num_cpus: int | None = None, reseed: list[int] | tuple = (), reseed_from: str | Path | None = None
+        ) -> SweepResult:
+    """Run (or resume) a sweep on Ray (embedded, or the cluster at RAY_ADDRESS); returns a SweepResult. With
+    `reseed`, train the points of the finished sweep at `reseed_from` (default runs/sweeps/NAME) again at those
+    seeds instead (`plan_reseed`), into `out` (default runs/sweeps/NAME-seeds)."""
     import ray
     from ray import tune
 
@@ -225,25 +242,38 @@ def run(sweep: SweepConfig | str | Path, out: str | Path | None = None, *, overr
 
     if not isinstance(sweep, SweepConfig):
         sweep = load_sweep(sweep)
-    sweep_dir = Path(out or f"runs/sweeps/{sweep.name}").resolve()
+    name = f"{sweep.name}-seeds" if reseed else sweep.name
+    sweep_dir = Path(out or f"runs/sweeps/{name}").resolve()
     base = base_config(sweep, list(overrides))
     data_dir = Path(base.data.dir).resolve()
-    trials = plan_trials(sweep, [*overrides, f"data.dir={json.dumps(str(data_dir))}"],
-                         storage=str(sweep_dir / TRIALS_DIR))
+    trial_overrides = [*overrides, f"data.dir={json.dumps(str(data_dir))}"]
+    record: dict[str, Any] = {"sweep": sweep.model_dump(mode="json"), "overrides": list(overrides)}
+    if reseed:
+        source = Path(reseed_from or f"runs/sweeps/{sweep.name}").resolve()
+        if source == sweep_dir:
+            raise ConfigError(f"--reseed writes a new sweep folder, not into the finished sweep {short_path(source)}; "
+                              "pass another --out")
+        trials = plan_reseed(sweep, _finished_results(source, sweep.name), list(reseed), trial_overrides,
+                             storage=str(sweep_dir / TRIALS_DIR))
+        record["reseed"] = {"of": str(source), "seeds": list(reseed)}
+    else:
+        trials = plan_trials(sweep, trial_overrides, storage=str(sweep_dir / TRIALS_DIR))
     names = [t.name for t in trials]
     specs = {t.name: {"cfg": t.cfg.model_dump(), "row": t.row()} for t in trials}
-    record = {"sweep": sweep.model_dump(mode="json"), "overrides": list(overrides),
-              "trials": [{"name": t.name, "config_hash": t.cfg.config_hash(), **t.row()} for t in trials]}
+    record["trials"] = [{"name": t.name, "config_hash": t.cfg.config_hash(), **t.row()} for t in trials]
     _check_same_sweep(sweep_dir, record)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.json").write_text(json.dumps(record, indent=2))
 
     grid = sweep.grid
-    left_out = len(grid.shapes) * len(grid.budgets) * len(grid.seeds or [0]) * len(sweep.lr.factors) - len(trials)
-    if left_out:
+    if reseed:
+        err_console.print(f"sweep {name}: the {len(trials) // len(reseed)} points of {short_path(source)} at seeds "
+                          f"{', '.join(map(str, reseed))}, each at the lr factor it chose")
+    elif left_out := (len(grid.shapes) * len(grid.budgets) * len(grid.seeds or [0]) * len(sweep.lr.factors)
+                      - len(trials)):
         err_console.print(f"sweep {sweep.name}: {left_out} trials left out (fewer than "
                           f"grid.min_steps={grid.min_steps} steps)")
-    err_console.print(f"sweep {sweep.name}: {len(trials)} trials, N {min(t.n_params for t in trials):,}–"
+    err_console.print(f"sweep {name}: {len(trials)} trials, N {min(t.n_params for t in trials):,}–"
                       f"{max(t.n_params for t in trials):,}, D {min(t.tokens for t in trials):,}–"
                       f"{max(t.tokens for t in trials):,} tokens, {total_model_flops(trials):.3g} model FLOPs → "
                       f"{short_path(sweep_dir)}")
@@ -284,7 +314,7 @@ def run(sweep: SweepConfig | str | Path, out: str | Path | None = None, *, overr
         thread = threading.Thread(target=fit, daemon=True)
         thread.start()
         done_before = sum(_count_done(sweep_dir, names, since))
-        title = f"sweep {sweep.name}" + (" (resumed)" if resumed else "")
+        title = f"sweep {name}" + (" (resumed)" if resumed else "")
         with progress_bar(title, total=len(trials), eta=False) as bar:
             bar.update(completed=done_before)
             t_poll = time.perf_counter()
@@ -305,8 +335,18 @@ def run(sweep: SweepConfig | str | Path, out: str | Path | None = None, *, overr
     results_parquet, results_csv = sweep_dir / "results.parquet", sweep_dir / "results.csv"
     df.to_parquet(results_parquet, index=False)
     df.to_csv(results_csv, index=False)
-    return SweepResult(sweep.name, sweep_dir, df, results_parquet, results_csv, time.perf_counter() - t_start,
-                       resumed)
+    return SweepResult(name, sweep_dir, df, results_parquet, results_csv, time.perf_counter() - t_start, resumed)
+
+
+def _finished_results(source: Path, name: str) -> Any:
+    """The results table of the finished sweep `--reseed` starts from."""
+    import pandas as pd
+
+    path = source / "results.parquet"
+    if not path.is_file():
+        raise ConfigError(f"--reseed: no finished sweep at {source} (no results.parquet); run `python -m app sweep` "
+                          f"for {name} first, or pass --from DIR")
+    return pd.read_parquet(path)
 
 
 def main(argv=None) -> int:

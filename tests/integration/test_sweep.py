@@ -73,6 +73,28 @@ def test_smoke_results_fit_to_finite_laws_and_plots(smoke, tmp_path):
 
 
 @pytest.mark.slow
+def test_reseed_trains_the_points_at_another_seed_and_fits_with_the_sweep(smoke, tiny_data, tmp_path):
+    """`sweep --reseed 1`: the smoke sweep's 6 points again at seed 1 (same steps and lr, another init and data
+    order), in their own folder; fitted together with the sweep, the seed spread resamples the two."""
+    seeds = app.sweep(SMOKE, tmp_path / "seeds", overrides=[f"data.dir={tiny_data}"], reseed=[1],
+                      reseed_from=smoke.sweep_dir)
+    df, first = seeds.df, smoke.df
+    assert seeds.name == "smoke-seeds" and (df["status"] == "ok").all() and (df["seed"] == 1).all()
+    assert json.loads((seeds.sweep_dir / "sweep.json").read_text())["reseed"] == {
+        "of": str(smoke.sweep_dir), "seeds": [1]}
+    key = ["n_params", "tokens"]
+    both = first.merge(df, on=key, suffixes=("_0", "_1"))
+    assert len(both) == 6 and (both["steps_0"] == both["steps_1"]).all() and (both["lr_0"] == both["lr_1"]).all()
+    assert (both["val_loss_0"] != both["val_loss_1"]).all()  # another seed: other runs ...
+    assert np.allclose(both["val_loss_0"], both["val_loss_1"], rtol=0.1)  # ... of the same points
+    report = app.fit_report([smoke.results_parquet, seeds.sweep_dir], bootstrap=0, grid="small", plots=False,
+                            seed_spread=True, reruns=20, predict=[(1e6, 1e7)])
+    (spread,) = report.seed_spreads
+    assert report.law.n_points == 12 and list(spread.seeds) == [2] * 6
+    assert np.isfinite(spread.predictions).all() and spread.interval()[0] < spread.interval()[1]
+
+
+@pytest.mark.slow
 def test_in_process_trial_trains_exactly_what_a_train_worker_does(smoke, tiny_data, tmp_path):
     """A sweep trial trains in its Tune trial's process; the same config on a Ray Train worker (a TorchTrainer
     with its controller and worker actor) computes the same steps, bit for bit."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -209,3 +210,75 @@ def test_sweep_cli_reports_a_bad_file_in_one_line(tmp_path):
         f"error: {path}: sweep key 'grid.shapes' is empty; list at least one model shape, e.g. "
         "{n_layer: 2, d_model: 64, n_head: 4}"]
     assert not (tmp_path / "out").exists()  # refused before anything was written or Ray started
+
+
+# ---- --reseed: a finished sweep's points at other seeds --------------------------------------------------------
+
+
+def finished_table(trials, winner: dict | None = None):
+    """A results table of `trials`, all ok; each point's run at factor `winner[(shape, tokens)]` has the lowest
+    loss (default: the rule's lr, factor 1)."""
+    import pandas as pd
+
+    rows = []
+    for t in trials:
+        best = (winner or {}).get((t.shape, t.tokens), 1.0)
+        loss = 3.0 if t.lr_factor == best else 3.0 + 0.1 * (t.index + 1)
+        rows.append({**t.row(), "status": "ok", "val_loss": loss})
+    return pd.DataFrame(rows)
+
+
+def test_reseed_trains_each_point_at_other_seeds_at_the_lr_it_chose(smoke_tree):
+    from app.sweep_config import plan_reseed
+
+    tree = copy.deepcopy(smoke_tree)
+    tree["lr"]["factors"] = [0.5, 1, 2]
+    sweep = sweep_from_dict(tree, "s.yaml")
+    trials = plan_trials(sweep)
+    points = sorted({(t.shape, t.tokens) for t in trials}, key=str)
+    winner = {p: (0.5, 1.0, 2.0)[i % 3] for i, p in enumerate(points)}  # every factor wins somewhere
+    again = plan_reseed(sweep, finished_table(trials, winner), [1, 2], storage="/tmp/seeds")
+    assert len(again) == 2 * len(points) == 12 and len({t.name for t in again}) == 12
+    original = {(t.shape, t.tokens, t.lr_factor): t for t in trials}
+    for t in again:
+        assert t.lr_factor == winner[(t.shape, t.tokens)] and t.seed in (1, 2)
+        same = original[(t.shape, t.tokens, t.lr_factor)]  # the run it repeats, seed aside
+        assert (t.steps, t.warmup_steps, t.lr, t.n_params) == (same.steps, same.warmup_steps, same.lr, same.n_params)
+        assert t.cfg.seed == t.seed and t.cfg.storage == "/tmp/seeds"
+        assert t.name.endswith(f"-s{t.seed}-x{t.lr_factor:g}")
+    assert [t.model_flops for t in again] == sorted((t.model_flops for t in again), reverse=True)
+
+    plain = plan_trials(load_sweep(SMOKE))  # one factor: names without -x, as the sweep's own
+    assert all("-x" not in t.name and t.lr_factor == 1.0 for t in plan_reseed(load_sweep(SMOKE),
+                                                                                finished_table(plain), [3]))
+
+
+@pytest.mark.parametrize("seeds,status,message", [
+    ([0], "ok", "--reseed 0: sweep 'smoke' already trains seed 0 (its seeds: 0); pick others"),
+    ([1, 1], "ok", "--reseed 1 1: give one or more distinct seeds, e.g. --reseed 1 2"),
+    ([], "ok", "give one or more distinct seeds"),
+    ([1], "error", "sweep 'smoke': 1 of 6 trials are not finished (first: t002-"),
+])
+def test_reseed_refuses_clashing_seeds_and_unfinished_sweeps(seeds, status, message):
+    from app.sweep_config import plan_reseed
+
+    sweep = load_sweep(SMOKE)
+    table = finished_table(plan_trials(sweep))
+    table.loc[2, "status"] = status
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        plan_reseed(sweep, table, seeds)
+
+
+def test_reseed_cli_mistakes_are_one_line(tmp_path):
+    missing = run_cli("sweep", str(SMOKE), "--reseed", "1", "--from", str(tmp_path / "none"))
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [
+        f"error: --reseed: no finished sweep at {tmp_path / 'none'} (no results.parquet); run `python -m app sweep` "
+        "for smoke first, or pass --from DIR"]
+    orphan = run_cli("sweep", str(SMOKE), "--from", str(tmp_path))
+    assert orphan.returncode == 1 and orphan.stderr.strip().splitlines() == [
+        "error: --from names the finished sweep --reseed starts from; add --reseed SEED ..."]
+    into_itself = run_cli("sweep", str(SMOKE), "--reseed", "1", "--from", str(tmp_path / "a"), "--out",
+                          str(tmp_path / "a"))
+    assert into_itself.returncode == 1 and len(into_itself.stderr.strip().splitlines()) == 1
+    assert "--reseed writes a new sweep folder, not into the finished sweep" in into_itself.stderr
+    assert not any(tmp_path.iterdir())  # each refused before anything was written
