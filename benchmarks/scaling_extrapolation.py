@@ -16,6 +16,9 @@
    the planner's wall time against the measured one (goal within 15%); beside approach 3, the prediction of
    Kaplan's L(C) fitted through the same trials' compute-efficient envelope. With --rerun-noise SIGMA, how far seed
    noise alone would move the prediction (ScalingFit.rerun_check: the law as exact, the sweep re-drawn 200 times).
+   With --seeds-from DIR (the sweep's points at other seeds: `python -m app sweep SWEEP --reseed 1 2`), what
+   one-seed sweeps of this design predict for the same run (ScalingFit.seed_spread) and how many land within 2 %
+   of what it achieved.
 
 Prints a table and writes benchmarks/results/scaling_extrapolation.json (…_quick.json with --quick).
 """
@@ -88,6 +91,41 @@ def backtest(ok, col: str, grid) -> dict:
             "max_error": float(err.max()), "params": {k: float(v) for k, v in law.params.items()}}
 
 
+def seed_runs(points, seeds, col: str, c_max: float):
+    """The runs of `seeds` (the sweep's points re-trained at other seeds, e.g. a --reseed folder's results) that
+    finished with C = 6ND <= c_max (N from `col`). Raises ValueError for one at no point of `points`: checked
+    before the target trains."""
+    from app.scaling import FLOPS_PER_PARAM_TOKEN
+
+    seeds = seeds[seeds["status"] == "ok"] if "status" in seeds.columns else seeds
+    seeds = seeds[FLOPS_PER_PARAM_TOKEN * seeds[col] * seeds["tokens"] <= c_max * (1 + 1e-9)]
+    known = set(zip(points[col], points["tokens"]))
+    strays = [(a, b) for a, b in zip(seeds[col], seeds["tokens"]) if (a, b) not in known]
+    if strays:
+        raise ValueError(f"--seeds-from: {len(strays)} run(s) at no point of the sweep (first: N={strays[0][0]:g}, "
+                         f"D={strays[0][1]:g}); pass the sweep's --reseed folder")
+    return seeds
+
+
+def seed_spread_check(points, seeds, col: str, n: float, d: float, achieved: float, grid,
+                      resamples: int = 200) -> dict:
+    """The sweep's fitted points (each point's best-lr run) and `seeds` (from `seed_runs`) fitted together;
+    `resamples` one-seed sweeps drawn from them (`ScalingFit.seed_spread`) predict (n, d): how many land within
+    2 % of `achieved`."""
+    import numpy as np
+    import pandas as pd
+
+    from app.scaling import fit_chinchilla
+
+    both = pd.concat([points[[col, "tokens", "val_loss"]], seeds[[col, "tokens", "val_loss"]]], ignore_index=True)
+    law = fit_chinchilla(both[col], both["tokens"], both["val_loss"], grid=grid, n_bootstrap=0, seed=0)
+    spread = law.seed_spread(n, d, resamples=resamples, seed=0)
+    return {**spread.to_dict(), "runs": int(len(both)), "achieved": achieved,
+            "pooled_error": abs(spread.pooled - achieved) / achieved,
+            "median_error": float(np.median(np.abs(spread.predictions / achieved - 1))),
+            "within_2pct_of_achieved": spread.within(achieved, 0.02)}
+
+
 def target_lr_factor(points, n_params: float, col: str = "n_params") -> float:
     """The lr factor (lr.factors) to train the target at: the one that won, at the sweep's largest budget it was
     trained on, for the sweep size nearest `n_params` (the longest runs are the most like the target's). 1.0 for a
@@ -119,10 +157,23 @@ def main() -> int:
                         help="also report how far the target's prediction would move if the sweep were run again "
                              "with this relative loss spread per run (between seeds; 0.007 measured here): the law "
                              "taken as exact, 200 simulated sweeps refitted (ScalingFit.rerun_check)")
+    parser.add_argument("--seeds-from", metavar="DIR",
+                        help="the sweep's points re-trained at other seeds (python -m app sweep SWEEP --reseed 1 2): "
+                             "also report what one-seed sweeps of this design predict for the target, and how "
+                             "many land within 2%% of what it achieved (ScalingFit.seed_spread)")
     parser.add_argument("--num-cpus", type=int)
     args = parser.parse_args()
     if args.lr_factor is not None and not args.lr_factor > 0:
         parser.error(f"--lr-factor {args.lr_factor:g}: must be > 0 (a multiple of the sweep's lr rule, e.g. 1)")
+    seeds_table = None
+    if args.seeds_from is not None:
+        from app.errors import DataError
+        from pipelines.fit_scaling import read_table
+
+        try:
+            seeds_table = read_table(args.seeds_from)[0]
+        except DataError as err:
+            parser.error(f"--seeds-from: {err}")
     if args.rerun_noise is not None and not 0 < args.rerun_noise < 1:
         parser.error(f"--rerun-noise {args.rerun_noise:g}: the relative spread of a run's loss between seeds, in "
                      "(0, 1), e.g. 0.007")
@@ -166,6 +217,12 @@ def main() -> int:
         c_max = args.c_max or float(compute.max())
         in_fit = compute <= c_max * (1 + 1e-9)
         fitted, held_out = points[in_fit], points[~in_fit]
+        if seeds_table is not None:
+            try:
+                seeds_table = seed_runs(fitted, seeds_table, col, c_max)
+            except ValueError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
         t0 = time.perf_counter()
         law = fit_chinchilla(fitted[col], fitted["tokens"], fitted["val_loss"], grid=grid,
                              n_bootstrap=args.bootstrap, seed=0)
@@ -216,6 +273,8 @@ def main() -> int:
 
     achieved = float(summary["final_val_loss"])
     loss_err = abs(predicted - achieved) / achieved
+    spread = (seed_spread_check(fitted, seeds_table, col, n_trial, trial.tokens, achieved, grid)
+              if seeds_table is not None else None)
     k_err = abs(k_predicted - achieved) / achieved
     wall_err = (planned_wall_s - summary["wall_s"]) / summary["wall_s"]
     productive_s = summary["ledger"]["productive_s"]
@@ -238,6 +297,13 @@ def main() -> int:
                                                f"{rerun.median_abs_error:.2%} off (median), {rerun.p90_abs_error:.2%} "
                                                f"(90th pct); within 2% in {rerun.within:.0%} of "
                                                f"{rerun.errors.size} sweeps")] if rerun else []),
+        *([("one-seed sweeps (--seeds-from)", f"{spread['resamples']} drawn from {spread['runs']} runs "
+                                               f"({spread['replicated_points']} of {spread['points']} points at 2+ "
+                                               f"seeds): median {spread['median']:.4f}, 90% in "
+                                               f"[{spread['interval_90'][0]:.4f}, {spread['interval_90'][1]:.4f}]"),
+           ("one-seed sweeps within 2%", f"{spread['within_2pct_of_achieved']:.1%} (median error "
+                                         f"{spread['median_error']:.2%}; all runs fitted as one: "
+                                         f"{spread['pooled_error']:.2%})")] if spread else []),
         ("Kaplan L(C) (envelope) predicted", f"{k_predicted:.4f} [{k_lo:.4f}, {k_hi:.4f}]: "
                                              f"alpha_C={kaplan.params['alpha_C']:.4f}"),
         ("Kaplan L(C) abs relative error", f"{k_err:.2%}"),
@@ -267,6 +333,7 @@ def main() -> int:
         "predicted_loss": predicted, "predicted_interval": [lo, hi], "achieved_loss": achieved,
         "abs_relative_error": loss_err,
         "rerun_check": rerun.to_dict() if rerun else None,
+        "seed_spread": {**spread, "seeds_from": args.seeds_from} if spread else None,
         "kaplan_c": {"fit": kaplan.to_json(), "predicted_loss": k_predicted, "predicted_interval": [k_lo, k_hi],
                      "abs_relative_error": k_err},
         "measured_wall_s": summary["wall_s"], "productive_s": productive_s,

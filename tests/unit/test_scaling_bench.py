@@ -69,3 +69,29 @@ def test_the_target_trains_at_the_lr_its_nearest_size_won_with_on_its_longest_ru
     assert bench.target_lr_factor(points, 150e3) == 2.0  # 100 K is nearer 150 K (in log) than 340 K
     assert bench.target_lr_factor(points, 300e3) == 0.5
     assert bench.target_lr_factor(points.drop(columns="lr_factor"), 150e3) == 1.0  # a sweep without factors
+
+
+def test_the_seed_spread_check_resamples_the_sweep_and_its_reseeded_points():
+    points = _sweep_like("non-embedding")
+    rng = np.random.default_rng(1)
+    seeds = pd.concat([points.assign(val_loss=points["val_loss"] * np.exp(0.01 * rng.standard_normal(len(points))),
+                                     status="ok", seed=s) for s in (1, 2)], ignore_index=True)
+    n, d = 60e3, 6e7
+    truth = 1.8 + 400.0 / n**0.45 + 900.0 / d**0.4
+    runs = bench.seed_runs(points, seeds, "n_params", points["compute"].max())
+    check = bench.seed_spread_check(points, runs, "n_params", n, d, truth, SMALL_GRID, resamples=30)
+    assert check["runs"] == 3 * len(points) and check["points"] == check["replicated_points"] == len(points)
+    assert check["resamples"] == 30 and 0 <= check["within_2pct_of_achieved"] <= 1
+    lo, hi = check["interval_90"]
+    assert lo < check["median"] < hi and check["median_error"] < 0.2  # 1 % seed noise: near the truth, not on it
+    preds = np.array(check["predictions"])
+    assert check["within_2pct_of_achieved"] == pytest.approx(np.mean(np.abs(preds / truth - 1) <= 0.02))
+
+    fitted = points[points["compute"] <= 1.5e12]  # what the benchmark fits with --c-max 1.5e12
+    assert len(bench.seed_runs(fitted, seeds, "n_params", 1.5e12)) == 2 * len(fitted)  # C_max applies to seeds too
+    failed = seeds.assign(status=["ok"] * (len(seeds) - 1) + ["error"])
+    assert len(bench.seed_runs(points, failed, "n_params", points["compute"].max())) == len(seeds) - 1
+
+    stray = seeds.assign(tokens=seeds["tokens"] * 1.5)
+    with pytest.raises(ValueError, match=r"--seeds-from: \d+ run\(s\) at no point of the sweep"):
+        bench.seed_runs(points, stray, "n_params", points["compute"].max())
