@@ -579,4 +579,3 @@ def test_seed_spread_bad_arguments(data, kwargs, message):
         law.seed_spread(n_val, FAR[1], **kwargs)
     with pytest.raises(ValueError, match="seed_spread needs the fitted runs"):
         scaling.published_fit().seed_spread(*FAR)
-
