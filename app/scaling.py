@@ -619,9 +619,7 @@ class ScalingFit:
         prediction down at this noise: more seeds per point (noise / sqrt(k) for k seeds) or runs spread further in
         N and D are the remedies; re-check with those.
         """
-        if not self.n.size:
-            raise ValueError("rerun_check needs the fitted runs (N, D, loss): a fit from fit_chinchilla or from a "
-                             "fit.json written by `python -m app fit`, not the published constants")
+        self._require_runs("rerun_check")
         if not (math.isfinite(noise) and 0 < noise < 1):
             raise ValueError(f"noise must be in (0, 1): the relative standard deviation of a run's final loss "
                              f"between seeds (e.g. 0.007), got {noise:g}")
@@ -633,16 +631,9 @@ class ScalingFit:
             raise ValueError(f"tolerance must be in (0, 1), got {tolerance:g}")
         exact = np.log(_chinchilla_loss(self.param_vector, self.n, self.d)[0])
         draws = exact + noise * np.random.default_rng(seed).standard_normal((simulations, exact.size))
-        x = self.param_vector
-        starts = np.vstack([_log_form(x)[None, :], (grid or SMALL_GRID).points()])
-        log_x = np.vstack([np.log(self.n), np.log(self.d)])
-        idx = np.broadcast_to(np.arange(exact.size), draws.shape)
-        with np.errstate(over="ignore", invalid="ignore"):  # a refit that runs off: A or B overflow to inf
-            refits = _natural(_fit_datasets(starts, log_x, draws, idx, self.huber_delta, True, "batched"))
-            predicted = _chinchilla_loss(refits, np.asarray(n, dtype=float), np.asarray(d, dtype=float))
-        law = float(_chinchilla_loss(x, np.asarray(n, dtype=float), np.asarray(d, dtype=float))[0])
-        errors = np.where(np.isnan(predicted), np.inf, (predicted - law) / law)  # NaN: inf - inf from a runaway
-        return RerunCheck(float(n), float(d), float(noise), float(tolerance), errors)
+        predicted = self._refit_predict(draws, np.broadcast_to(np.arange(exact.size), draws.shape), n, d, grid)
+        law = float(_chinchilla_loss(self.param_vector, float(n), float(d))[0])
+        return RerunCheck(float(n), float(d), float(noise), float(tolerance), (predicted - law) / law)
 
     def seed_spread(self, n: float, d: float, *, resamples: int = 200, seed: int = 0,
                     grid: InitGrid | None = None) -> SeedSpread:
@@ -655,9 +646,7 @@ class ScalingFit:
         Where `rerun_check` asks what Gaussian noise of a given size would do if the law were exact, this asks
         the data: on scaling_b1k at 3 seeds, 90 % of one-seed sweeps predicted its 10× run (2.476) at 2.38–2.88.
         """
-        if not self.n.size:
-            raise ValueError("seed_spread needs the fitted runs (N, D, loss): a fit from fit_chinchilla or from a "
-                             "fit.json written by `python -m app fit`, not the published constants")
+        self._require_runs("seed_spread")
         if resamples < 2:
             raise ValueError(f"resamples must be >= 2, got {resamples}")
         if not (n > 0 and d > 0):
@@ -671,16 +660,26 @@ class ScalingFit:
                              "trained at several seeds (a sweep's grid seeds: [0, 1, 2]), fitted together")
         pick = np.random.default_rng(seed).random((resamples, seeds.size))
         runs = np.column_stack([m[(pick[:, j] * m.size).astype(int)] for j, m in enumerate(members)])
-        x = self.param_vector
-        starts = np.vstack([_log_form(x)[None, :], (grid or SMALL_GRID).points()])
+        predicted = self._refit_predict(np.log(self.loss)[runs], runs, n, d, grid)
+        pooled = float(_chinchilla_loss(self.param_vector, float(n), float(d))[0])
+        return SeedSpread(float(n), float(d), pooled, predicted, runs, seeds)
+
+    def _require_runs(self, what: str) -> None:
+        if not self.n.size:
+            raise ValueError(f"{what} needs the fitted runs (N, D, loss): a fit from fit_chinchilla or from a "
+                             "fit.json written by `python -m app fit`, not the published constants")
+
+    def _refit_predict(self, log_losses: np.ndarray, idx: np.ndarray, n: float, d: float,
+                       grid: InitGrid | None) -> np.ndarray:
+        """Refit each data set r (the fitted runs ``idx[r]`` with log losses ``log_losses[r]``) from this fit's
+        optimum plus ``grid`` (default SMALL_GRID), batched like the bootstrap, and predict (n, d) with each:
+        shape (sets,). A refit that runs off (A or B overflows) predicts inf."""
+        starts = np.vstack([_log_form(self.param_vector)[None, :], (grid or SMALL_GRID).points()])
         log_x = np.vstack([np.log(self.n), np.log(self.d)])
-        n_val, d_val = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
-        with np.errstate(over="ignore", invalid="ignore"):  # a refit that runs off: A or B overflow to inf
-            refits = _natural(_fit_datasets(starts, log_x, np.log(self.loss)[runs], runs, self.huber_delta, True,
-                                            "batched"))
-            predicted = _chinchilla_loss(refits, n_val, d_val)
-        pooled = float(_chinchilla_loss(x, n_val, d_val)[0])
-        return SeedSpread(float(n), float(d), pooled, np.where(np.isnan(predicted), np.inf, predicted), runs, seeds)
+        with np.errstate(over="ignore", invalid="ignore"):
+            refits = _natural(_fit_datasets(starts, log_x, log_losses, idx, self.huber_delta, True, "batched"))
+            predicted = _chinchilla_loss(refits, float(n), float(d))
+        return np.where(np.isnan(predicted), np.inf, predicted)  # NaN: inf / inf from a runaway
 
     def extrapolation(self, compute: float) -> float:
         """How many times the largest fitted run's compute (6ND) `compute` is; NaN without data."""

@@ -193,11 +193,10 @@ def fit_report(results, *, out: str | Path | None = None, bootstrap: int = 1000,
     fitted together): approach 3 with a `bootstrap`-resample interval, plus Kaplan L(N), L(C) and approach 2
     where the runs allow. With `out`, writes fit.json and loss_vs_compute.png, isoflop.png, residuals.png there.
     `n_column` picks the parameter count (a sweep's "n_params_total" counts the embeddings too; default: its
-    non-embedding "n_params"). With
-    `rerun_noise` (a run's loss spread between seeds, e.g. 0.007), `.rerun_checks` says how far each prediction
-    would move if the sweep were run again (`ScalingFit.rerun_check`); with `seed_spread` (runs at several seeds
-    per point), `.seed_spreads` says how far apart one-seed sweeps predict them (`ScalingFit.seed_spread`).
-    Returns a `FitReport`."""
+    non-embedding "n_params"). With `rerun_noise` (a run's loss spread between seeds, e.g. 0.007),
+    `.rerun_checks` says how far each prediction would move if the sweep were run again
+    (`ScalingFit.rerun_check`); with `seed_spread` (runs at several seeds per point), `.seed_spreads` says how far
+    apart one-seed sweeps predict them (`ScalingFit.seed_spread`). Returns a `FitReport`."""
     from pipelines import fit_scaling
 
     return fit_scaling.run(results, out=out, bootstrap=bootstrap, seed=seed, predict=predict, grid=grid,

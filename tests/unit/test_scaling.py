@@ -574,8 +574,8 @@ def test_seed_spread_is_seeded_and_survives_fit_json():
 def test_seed_spread_bad_arguments(data, kwargs, message):
     runs = synthetic_grid(noise=0.0, size=4) if data == "one-seed" else seeded_grid(noise=0.01)
     law = fit_chinchilla(*runs, grid=SMALL_GRID)
-    n_val = kwargs.pop("n", FAR[0])
+    resamples = {k: v for k, v in kwargs.items() if k != "n"}  # the parametrized dict stays as it is
     with pytest.raises(ValueError, match=message):
-        law.seed_spread(n_val, FAR[1], **kwargs)
+        law.seed_spread(kwargs.get("n", FAR[0]), FAR[1], **resamples)
     with pytest.raises(ValueError, match="seed_spread needs the fitted runs"):
         scaling.published_fit().seed_spread(*FAR)
